@@ -1,0 +1,1 @@
+"""vl2edge.bench (see README)."""

@@ -1,0 +1,1 @@
+"""vl2edge.model: checkpoint I/O, synthesizer, PyTorch reference (see README)."""
