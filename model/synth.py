@@ -126,14 +126,20 @@ def synthesize(out: str | Path, preset: str, seed: int = 0, layers: int | None =
                progress: bool = True) -> Path:
     """Write a checkpoint directory for `preset`; returns its path."""
     out = Path(out)
+    # Check the preset and --layers before touching the output: a bad argument must not delete anything.
+    config_dict = preset_config(preset, layers)
+    cfg = VL2Config.from_dict(config_dict, f"preset {preset}")
+    # Init scales (1/sqrt(2 * layers) on residual outputs) use the full depth, so that `layers` truncation keeps
+    # the first N layers bit-identical to the full model's.
+    init_cfg = cfg if layers is None else VL2Config.from_dict(preset_config(preset), f"preset {preset}")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         if not force:
             raise FileExistsError(f"{out} exists and is not empty (use force=True / --force to overwrite)")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    config_dict = preset_config(preset, layers)
-    cfg = VL2Config.from_dict(config_dict, f"preset {preset}")
     (out / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     (out / "processor_config.json").write_text(
         json.dumps(processor_config(), indent=2, sort_keys=True, ensure_ascii=False) + "\n")
@@ -143,7 +149,8 @@ def synthesize(out: str | Path, preset: str, seed: int = 0, layers: int | None =
     if preset in REAL_PRESETS:
         n = REAL_SHARDS[preset]
         shards = _split_shards(entries, n)
-        names = [f"model-{i + 1:05d}-of-{n:06d}.safetensors" for i in range(len(shards))]
+        # name by the shards actually made: with --layers a huge tensor can leave fewer than n
+        names = [f"model-{i + 1:05d}-of-{len(shards):06d}.safetensors" for i in range(len(shards))]
     elif preset == "test-small":  # one test preset is sharded so the index path is exercised
         shards = _split_shards(entries, 2)
         names = [f"model-{i + 1:05d}-of-{2:06d}.safetensors" for i in range(len(shards))]
@@ -155,7 +162,7 @@ def synthesize(out: str | Path, preset: str, seed: int = 0, layers: int | None =
     for fname, shard in zip(names, shards):
         w = _ShardWriter(out / fname, shard)
         for name, shape, dtype in shard:
-            t = init_tensor(name, shape, cfg, seed).to(dtype)
+            t = init_tensor(name, shape, init_cfg, seed).to(dtype)
             w.write(name, t)
             total_bytes += t.numel() * t.element_size()
             weight_map[name] = fname

@@ -38,10 +38,10 @@ class DeepseekVL2(nn.Module):
     # --- loading ----------------------------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, ref: str | os.PathLike | Checkpoint, dtype: torch.dtype = torch.float32,
-                        revision: str | None = None) -> "DeepseekVL2":
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> "DeepseekVL2":
         """Load from a checkpoint directory or hub repo id; weights cast to `dtype` (fp32 or bf16). The MoE
         correction bias stays fp32: it only enters the fp32 router."""
-        ckpt = ref if isinstance(ref, Checkpoint) else Checkpoint.open(ref, revision=revision)
+        ckpt = ref if isinstance(ref, Checkpoint) else Checkpoint.open(ref, revision=revision, cache_dir=cache_dir)
         with torch.device("meta"):
             model = cls(ckpt.config)
         wanted = model.state_dict().keys()
