@@ -1,0 +1,12 @@
+"""vl2edge.runtime: the torch-free runtime (numpy, Pillow, tokenizers, onnxruntime only).
+
+Input side, in the order data flows:
+  images           - open any Pillow-readable image robustly (ImageError on bad input)
+  image_processor  - DeepSeek-VL2 dynamic tiling: best grid, pad, global + local 384 tiles, token counts
+  chat_template    - the `deepseek` conversation template as text pieces and image slots
+  processor        - Processor: messages + images -> PreparedInputs (ids, pixels, masks)
+  grounding        - parse <|ref|>/<|det|> boxes (incrementally), draw them, build grounding prompts
+
+Nothing here may import torch, directly or indirectly (tests/test_runtime_without_torch.py checks it).
+Submodules are imported on demand; `from vl2edge.runtime.processor import Processor`.
+"""

@@ -1,0 +1,46 @@
+"""Shared fixtures: synthesized test checkpoints, written once per session.
+
+`test_checkpoints` -> {"test-tiny": Path, "test-small": Path, "test-vl2": Path}: the three small-dims presets
+synthesized with SEED (test-small is sharded with an index; the other two are a single model.safetensors).
+Treat these directories as read-only; to corrupt one, take a copy with `copy_checkpoint(preset)`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+SEED = 0
+TEST_PRESETS = ("test-tiny", "test-small", "test-vl2")
+
+
+@pytest.fixture(scope="session")
+def synth_seed() -> int:
+    """The seed the `test_checkpoints` were synthesized with."""
+    return SEED
+
+
+@pytest.fixture(scope="session")
+def test_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    from vl2edge.model.synth import synthesize
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {p: synthesize(root / p, p, seed=SEED, progress=False) for p in TEST_PRESETS}
+
+
+def copy_checkpoint_dir(src: Path, dst: Path) -> Path:
+    """A private, writable copy of a checkpoint directory (to be corrupted by a test)."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture
+def copy_checkpoint(test_checkpoints, tmp_path):
+    """copy_checkpoint(preset, name=None) -> Path of a fresh copy of that test checkpoint under tmp_path."""
+
+    def make(preset: str = "test-tiny", name: str | None = None) -> Path:
+        return copy_checkpoint_dir(test_checkpoints[preset], tmp_path / (name or f"copy-{preset}"))
+
+    return make
