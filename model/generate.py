@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -30,7 +31,7 @@ class SamplingConfig:
 @dataclass
 class GenerationResult:
     tokens: list[int]
-    stop_reason: str  # "eos", "max_new_tokens" or "context"
+    stop_reason: str  # "eos", "max_new_tokens", "context" or "cancelled"
     timings: dict = field(default_factory=dict)  # seconds: embed (incl. vision), prefill, decode (list per token)
 
 
@@ -58,7 +59,8 @@ def next_token(logits: torch.Tensor, seen: torch.Tensor, s: SamplingConfig, gen:
 @torch.inference_mode()
 def generate(model: DeepseekVL2, input_ids, pixel_values=None, images_seq_mask=None, images_spatial_crop=None,
              sampling: SamplingConfig | None = None, eos_token_id: int | None = None,
-             chunk_size: int = 512) -> GenerationResult:
+             chunk_size: int = 512, on_token: Callable[[int], bool | None] | None = None) -> GenerationResult:
+    """`on_token(id)` is called for every generated token; returning False stops generation ("cancelled")."""
     s = sampling or SamplingConfig()
     cfg = model.cfg.language
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
@@ -84,6 +86,9 @@ def generate(model: DeepseekVL2, input_ids, pixel_values=None, images_seq_mask=N
     while True:
         tok = next_token(logits[0, -1], seen, s, gen)
         tokens.append(tok)
+        if on_token is not None and on_token(tok) is False:
+            reason = "cancelled"
+            break
         if tok == eos:
             reason = "eos"
             break
