@@ -15,6 +15,15 @@ def _synth(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .export.exporter import export
+
+    out = export(args.src, args.out, experts=args.experts, block_size=args.block_size, target=args.target,
+                 force=args.force, max_len=args.max_len, progress=not args.quiet)
+    print(out)
+    return 0
+
+
 def _sampling(args):
     from .model.generate import SamplingConfig
 
@@ -112,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_synth)
+
+    e = sub.add_parser("export", help="checkpoint -> quantized split-ONNX runtime artifact")
+    e.add_argument("src", help="checkpoint directory or hub repo id")
+    e.add_argument("out", help="artifact directory to create")
+    e.add_argument("--experts", default="int4", choices=["int4", "int8", "fp16", "fp32"],
+                   help="routed-expert weights (fp32 = the all-fp32 parity artifact on cpu)")
+    e.add_argument("--block-size", type=int, default=64, choices=[32, 64, 128])
+    e.add_argument("--target", default="cpu", choices=["cpu", "cuda"], help="cpu: fp32 I/O; cuda: fp16 I/O")
+    e.add_argument("--max-len", type=int, default=None, help="KV-cache length (default: the model's context)")
+    e.add_argument("--force", action="store_true", help="replace an existing OUT (only once the new one is done)")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_export)
 
     r = sub.add_parser("run", help="answer one prompt about images")
     r.add_argument("model", help="checkpoint directory or hub repo id (with --backend torch)")

@@ -1,1 +1,1 @@
-"""vl2edge.export (see README)."""
+"""vl2edge.export: checkpoint -> split ONNX artifact (see exporter.py). Needs the [export] extra (torch, onnx)."""

@@ -1,0 +1,328 @@
+"""Per-layer attention graphs: RMSNorm -> attention over an in-place KV cache -> o_proj -> residual -> RMSNorm.
+
+One graph per decoder layer. Attention is ONE com.microsoft GroupQueryAttention (GQA) node that appends the new
+tokens to a preallocated cache of `max_len` positions IN PLACE and attends over the first total_sequence_length
+positions only (cost grows with the real context, not with max_len). In place needs IO binding: the caller binds the
+same OrtValue to the past_* input and the present_* output(s); GQA then writes the new rows into it and copies
+nothing (reference: ../shared/reference/onnxruntime.md §1.4). `run_attention_step` / `AttentionSession` below do that.
+
+Graph I/O contract (the runtime depends on it)
+----------------------------------------------
+inputs
+  hidden                 io    [1, T, H]   residual stream entering the layer
+  position_ids           int64 [1, T]      past_len .. past_len + T - 1
+  seqlens_k              int32 [1]         past_len + T - 1
+  total_sequence_length  int32 []          past_len + T
+  MHA (Tiny):      past_key, past_value    io [1, kvH, max_len, head_dim]   (two buffers)
+  MLA (Small/VL2): past_latent             io [1, 1, max_len, kv_lora_rank + qk_rope_head_dim]
+                   (one graph input feeding both past_key and past_value of GQA)
+outputs
+  hidden_out             io    [1, T, H]   hidden + o_proj(attention(RMSNorm_in(hidden)))
+  mlp_in                 io    [1, T, H]   RMSNorm_post(hidden_out)
+  router_logits          float32 [T, E]    MoE layers only (cfg.language.is_moe_layer(layer)):
+                                           float32(mlp_in) @ gate^T with the unquantized fp32 router weight
+  MHA: present_key, present_value          bind to the same OrtValues as past_key / past_value
+  MLA: present_latent_key, present_latent_value   BOTH bind to the same OrtValue as past_latent
+"io" is the graph's io_dtype (float32 or float16); H = hidden_size; E = n_routed_experts.
+
+Cache layouts (identical to model/language.py KVCache, so a reference cache and an ORT cache compare directly)
+  MHA: past_key[0] == KVCache.k[layer][0], past_value[0] == KVCache.v[layer][0]: RoPE'd keys, plain values, BNSH.
+  MLA: past_latent[0, 0] == KVCache.latent[layer][0]: per token [c_kv normed (kv_lora_rank) | k_pe rotated
+       (qk_rope_head_dim)], the rope part in the reference's DE-INTERLEAVED order (even dims, then odd dims).
+
+MHA (Tiny): q/k/v projections fused into one linear whose output is GQA's packed QKV; GQA applies rotate-half RoPE
+(do_rotary=1, rotary_interleaved=0) from cos/sin initializers [max_len, head_dim/2] built like
+model/language.rope_cos_sin (fp32 angles, theta from the config); scale 1/sqrt(head_dim). GQA derives the rotary
+positions from seqlens_k (past = seqlens_k + 1 - T), which is right for prefill, decode and a chunk after decode
+(checked: identical to passing position_ids), so the MHA graph declares position_ids but does not read it.
+
+MLA (Small, VL2), absorbed form as a multi-query attention with head size kv_lora_rank + rope (576) and ONE kv head:
+  key = value = [c_kv | k_pe_rot] per token, which is exactly what is cached, so past_key and past_value (and both
+  presents) may alias one buffer. Query per head = [q_nope @ W_UK | q_pe_rot]; scores = q_lat.c_kv + q_pe.k_pe,
+  the reference's score, scaled by 1/sqrt(qk_nope + qk_rope) (1/sqrt(192); the 576 head size would give the wrong
+  default). Output per head = probs @ [c_kv | k_pe]; its first kv_lora_rank channels are the attended latents, the
+  rest is discarded; then @ W_UV^T per head -> o_proj. W_UK / W_UV are the two row blocks of kv_b_proj viewed
+  [heads, nope + v, kv_lora_rank], kept at io dtype as batched MatMul initializers (not quantized).
+  RoPE runs OUTSIDE GQA (do_rotary=0, com.microsoft RotaryEmbedding on q_pe and k_pe): GQA would rotate K but not
+  V, and here K and V are one buffer. The checkpoint's interleaved-pair convention (pairs (x_2i, x_2i+1) rotated
+  by frequency i) is realised like the reference: the rows of q_proj's rope part (per head) and of
+  kv_a_proj_with_mqa's rope part are permuted to de-interleaved order (exact, also after quantization, which is
+  per row), then rotate-half RoPE is applied; q_pe and k_pe get the same permutation, so scores are unchanged.
+
+Projections go through linear.emit_linear at `prec` (report kinds "attention.qkv", "attention.o",
+"attention.kv_a"); norms through GraphBuilder.rms_norm (eps from the config; kv_a_layernorm 1e-6, the class default
+the official code builds it with).
+
+The cache helpers and run_attention_step / AttentionSession need only numpy and onnxruntime (the graph builder's
+onnx import is deferred to build_attention_graph), so the torch-free runtime can use them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+from ..model.config import LanguageConfig, VL2Config
+
+if TYPE_CHECKING:
+    from ..quant.report import QualityReport
+    from .linear import Precision
+    from .onnx_builder import GraphBuilder
+
+KV_A_NORM_EPS = 1e-6  # kv_a_layernorm is built with the RMSNorm class default, not rms_norm_eps (same value)
+
+
+def _lang(cfg: VL2Config | LanguageConfig) -> LanguageConfig:
+    return cfg.language if isinstance(cfg, VL2Config) else cfg
+
+
+def rope_tables(dim: int, theta: float, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [max_len, dim/2] (fp32) for positions 0..max_len-1, bit-compatible with
+    model/language.rope_cos_sin: inv_freq = 1 / fp32(theta ** (2i/dim)), angles = fp32(position * inv_freq)."""
+    expo = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv_freq = np.float32(1.0) / (theta ** expo.astype(np.float64)).astype(np.float32)
+    angles = np.arange(max_len, dtype=np.float32)[:, None] * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def deinterleave_perm(d: int) -> np.ndarray:
+    """Index permutation (0, 2, ..., d-2, 1, 3, ..., d-1): model/language.deinterleave as a gather."""
+    return np.concatenate([np.arange(0, d, 2), np.arange(1, d, 2)])
+
+
+# --- the graph ---------------------------------------------------------------------------------------------------
+
+def build_attention_graph(cfg: VL2Config, layer: int, get: Callable[[str], np.ndarray], prec: Precision,
+                          io_dtype=np.float32, max_len: int = 4096,
+                          report: QualityReport | None = None) -> GraphBuilder:
+    """The attention half of decoder layer `layer` (see the module docstring for the I/O contract).
+    `get(name)` returns a checkpoint tensor (e.g. 'language.model.layers.0.self_attn.o_proj.weight') as fp32 numpy."""
+    from .linear import emit_linear
+    from .onnx_builder import GraphBuilder
+    L = _lang(cfg)
+    io_dtype = np.dtype(io_dtype)
+    if io_dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
+        raise ValueError(f"io_dtype must be float32 or float16, not {io_dtype}")
+    if not 0 <= layer < L.num_hidden_layers:
+        raise ValueError(f"layer {layer} out of range for {L.num_hidden_layers} layers")
+    H = L.hidden_size
+    pfx = f"language.model.layers.{layer}."
+    g = GraphBuilder(f"attention_{layer}")
+
+    hidden = g.input("hidden", io_dtype, [1, "T", H])
+    position_ids = g.input("position_ids", np.int64, [1, "T"])
+    seqlens_k = g.input("seqlens_k", np.int32, [1])
+    total = g.input("total_sequence_length", np.int32, [])
+
+    x = g.rms_norm(hidden, get(pfx + "input_layernorm.weight"), L.rms_norm_eps, io_dtype,
+                   hint=pfx + "input_layernorm")
+    build = _mla if L.use_mla else _mha
+    attn, presents, cache_shape = build(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids,
+                                        seqlens_k, total)
+    o = emit_linear(g, attn, get(pfx + "self_attn.o_proj.weight"), prec, io_dtype, hint=pfx + "self_attn.o_proj",
+                    report=report, report_kind="attention.o")
+    g.op("Add", [hidden, o], out_names=["hidden_out"])
+    g.output("hidden_out", "hidden_out", io_dtype, [1, "T", H])
+    mlp_in = g.rms_norm("hidden_out", get(pfx + "post_attention_layernorm.weight"), L.rms_norm_eps, io_dtype,
+                        hint="mlp_in")
+    g.output(mlp_in, "mlp_in", io_dtype, [1, "T", H])
+
+    if L.is_moe_layer(layer):
+        E = L.n_routed_experts
+        r_in = mlp_in if io_dtype == np.float32 else g.op("Cast", [mlp_in], hint="mlp_in_fp32", to=1)
+        gate_t = g.const(pfx + "mlp.gate.weight_t", np.asarray(get(pfx + "mlp.gate.weight"), np.float32).T)
+        logits = g.op("MatMul", [r_in, gate_t], hint="router_matmul")
+        g.op("Reshape", [logits, g.const("router_shape", np.array([-1, E], np.int64))], out_names=["router_logits"])
+        g.output("router_logits", "router_logits", np.float32, ["T", E])
+    for name in presents:  # GQA's own outputs, no Identity: the bound cache buffer is written in place
+        g.output(name, name, io_dtype, cache_shape)
+    return g
+
+
+def _mha(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids, seqlens_k, total):
+    from .linear import emit_linear
+    from .onnx_builder import MS_DOMAIN
+    nh, kvh, hd = L.num_attention_heads, L.num_key_value_heads, L.head_dim
+    if hd % 2:
+        raise ValueError(f"head_dim {hd} must be even for RoPE")
+    a = pfx + "self_attn."
+    w_qkv = np.concatenate([get(a + "q_proj.weight"), get(a + "k_proj.weight"), get(a + "v_proj.weight")], axis=0)
+    qkv = emit_linear(g, x, w_qkv, prec, io_dtype, hint=a + "qkv_proj", report=report, report_kind="attention.qkv")
+    cos, sin = rope_tables(hd, L.rope_theta, max_len)
+    cache_shape = [1, kvh, max_len, hd]
+    past_k = g.input("past_key", io_dtype, cache_shape)
+    past_v = g.input("past_value", io_dtype, cache_shape)
+    out = g.op("GroupQueryAttention",
+               [qkv, "", "", past_k, past_v, seqlens_k, total,
+                g.const("rope_cos", cos.astype(io_dtype)), g.const("rope_sin", sin.astype(io_dtype))],
+               n_out=3, domain=MS_DOMAIN, hint="gqa", out_names=["attn", "present_key", "present_value"],
+               num_heads=nh, kv_num_heads=kvh, scale=float(L.softmax_scale), do_rotary=1, rotary_interleaved=0)
+    return out[0], out[1:], cache_shape
+
+
+def _mla(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids, seqlens_k, total):
+    from .linear import emit_linear
+    from .onnx_builder import MS_DOMAIN
+    if L.q_lora_rank is not None:
+        raise NotImplementedError("q_lora_rank is set: no DeepSeek-VL2 checkpoint compresses q (all set it null)")
+    nh, nope, rope, v, r = (L.num_attention_heads, L.qk_nope_head_dim, L.qk_rope_head_dim, L.v_head_dim,
+                            L.kv_lora_rank)
+    qhd, width = nope + rope, r + rope
+    a = pfx + "self_attn."
+    i64 = lambda *xs: np.array(xs, np.int64)  # noqa: E731
+    perm = deinterleave_perm(rope)
+
+    # q_proj with each head's rope rows de-interleaved (the reference's deinterleave(q_pe), folded into the rows)
+    w_q = np.asarray(get(a + "q_proj.weight"), np.float32).reshape(nh, qhd, -1).copy()
+    w_q[:, nope:] = w_q[:, nope:][:, perm]
+    q = emit_linear(g, x, w_q.reshape(nh * qhd, -1), prec, io_dtype, hint=a + "q_proj", report=report,
+                    report_kind="attention.qkv")
+    q_nope, q_pe = g.op("Split", [g.op("Reshape", [q, g.const("q_shape", i64(0, 0, nh, qhd))]), g.const(
+        "q_split", i64(nope, rope))], n_out=2, hint="q_split", axis=3)
+
+    # absorbed query: q_nope @ W_UK per head -> [T, nh, r]
+    w_kvb = np.asarray(get(a + "kv_b_proj.weight"), np.float32).reshape(nh, nope + v, r)
+    w_uk, w_uv = w_kvb[:, :nope], w_kvb[:, nope:]  # [nh, nope, r], [nh, v, r]
+    qn = g.op("Transpose", [g.op("Reshape", [q_nope, g.const("qn_shape", i64(-1, nh, nope))])], perm=[1, 0, 2])
+    q_lat = g.op("MatMul", [qn, g.const(a + "w_uk", w_uk.astype(io_dtype))], hint="q_absorb")  # [nh, T, r]
+    q_lat = g.op("Transpose", [q_lat], perm=[1, 0, 2])  # [T, nh, r]
+
+    cos, sin = rope_tables(rope, L.rope_theta, max_len)
+    cos_c, sin_c = g.const("rope_cos", cos.astype(io_dtype)), g.const("rope_sin", sin.astype(io_dtype))
+    q_pe = g.op("Reshape", [q_pe, g.const("qpe_shape", i64(1, -1, nh * rope))])
+    q_pe = g.op("RotaryEmbedding", [q_pe, position_ids, cos_c, sin_c], domain=MS_DOMAIN, hint="q_rope",
+                interleaved=0)
+    q_pe = g.op("Reshape", [q_pe, g.const("qpe_heads", i64(-1, nh, rope))])
+    q_full = g.op("Concat", [q_lat, q_pe], axis=2)  # [T, nh, r + rope], matching the cache's [c_kv | k_pe]
+    q_full = g.op("Reshape", [q_full, g.const("q_full_shape", i64(1, -1, nh * width))])
+
+    # the new cache rows: [RMSNorm(c_kv) | RoPE(k_pe)] (k_pe rows de-interleaved like q_pe)
+    w_kva = np.asarray(get(a + "kv_a_proj_with_mqa.weight"), np.float32).copy()
+    w_kva[r:] = w_kva[r:][perm]
+    kv = emit_linear(g, x, w_kva, prec, io_dtype, hint=a + "kv_a_proj_with_mqa", report=report,
+                     report_kind="attention.kv_a")
+    c_kv, k_pe = g.op("Split", [kv, g.const("kv_split", i64(r, rope))], n_out=2, hint="kv_split", axis=2)
+    c_kv = g.rms_norm(c_kv, get(a + "kv_a_layernorm.weight"), KV_A_NORM_EPS, io_dtype, hint=a + "kv_a_layernorm")
+    k_pe = g.op("RotaryEmbedding", [k_pe, position_ids, cos_c, sin_c], domain=MS_DOMAIN, hint="k_rope",
+                interleaved=0)
+    latent = g.op("Concat", [c_kv, k_pe], axis=2, hint="latent_new")  # [1, T, r + rope]
+
+    cache_shape = [1, 1, max_len, width]
+    past = g.input("past_latent", io_dtype, cache_shape)
+    out = g.op("GroupQueryAttention", [q_full, latent, latent, past, past, seqlens_k, total], n_out=3,
+               domain=MS_DOMAIN, hint="gqa", out_names=["attn", "present_latent_key", "present_latent_value"],
+               num_heads=nh, kv_num_heads=1, scale=float(L.softmax_scale), do_rotary=0)
+
+    # attended latents (first r channels of each head's output) @ W_UV^T -> [1, T, nh * v]
+    ctx = g.op("Reshape", [out[0], g.const("ctx_shape", i64(-1, nh, width))])
+    ctx = g.op("Slice", [ctx, g.const("ctx_start", i64(0)), g.const("ctx_end", i64(r)), g.const("ctx_axis", i64(2))])
+    ctx = g.op("Transpose", [ctx], perm=[1, 0, 2])  # [nh, T, r]
+    o = g.op("MatMul", [ctx, g.const(a + "w_uv_t", np.ascontiguousarray(w_uv.transpose(0, 2, 1)).astype(io_dtype))],
+             hint="v_absorb")  # [nh, T, v]
+    o = g.op("Transpose", [o], perm=[1, 0, 2])
+    return g.op("Reshape", [o, g.const("attn_shape", i64(1, -1, nh * v))]), out[1:], cache_shape
+
+
+# --- cache buffers and running one step ----------------------------------------------------------------------
+
+def cache_shapes(cfg: VL2Config | LanguageConfig, max_len: int) -> list[tuple[int, ...]]:
+    """Shapes of one layer's cache buffers: MHA [k, v], MLA [latent]."""
+    L = _lang(cfg)
+    if L.use_mla:
+        return [(1, 1, max_len, L.kv_lora_rank + L.qk_rope_head_dim)]
+    return [(1, L.num_key_value_heads, max_len, L.head_dim)] * 2
+
+
+def new_cache_arrays(cfg: VL2Config | LanguageConfig, max_len: int, dtype=np.float32) -> list[list[np.ndarray]]:
+    """Zeroed cache buffers, one list per layer: MHA [past_key, past_value], MLA [past_latent]."""
+    L = _lang(cfg)
+    return [[np.zeros(s, dtype) for s in cache_shapes(L, max_len)] for _ in range(L.num_hidden_layers)]
+
+
+def cache_bytes_per_token(cfg: VL2Config | LanguageConfig, dtype=np.float16) -> int:
+    """Cache bytes per token, all layers: MHA layers*2*kvH*head_dim*itemsize, MLA layers*(r + rope)*itemsize."""
+    return _lang(cfg).cache_elements_per_token * np.dtype(dtype).itemsize
+
+
+def cache_ortvalues(arrays: Sequence[np.ndarray]) -> list:
+    """Wrap one layer's numpy cache buffers as CPU OrtValues that SHARE their memory (no copy): what the graph
+    writes is visible in the arrays. Keep the arrays alive as long as the OrtValues."""
+    import onnxruntime as ort
+
+    out = []
+    for a in arrays:
+        if not (a.flags.c_contiguous and a.flags.writeable):
+            raise ValueError("cache buffers must be writeable C-contiguous arrays")
+        out.append(ort.OrtValue.ortvalue_from_numpy(a))
+    return out
+
+
+_ONNX_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def run_attention_step(session, buffers: Sequence, hidden: np.ndarray, past_len: int):
+    """Run one attention graph on `hidden` [1, T, H] at positions past_len .. past_len+T-1, appending to the cache
+    in place. `buffers`: this layer's cache OrtValues (MHA [key, value], MLA [latent]; numpy arrays are wrapped,
+    sharing memory). Returns (hidden_out, mlp_in, router_logits or None) as numpy arrays."""
+    import onnxruntime as ort
+
+    buffers = [b if isinstance(b, ort.OrtValue) else cache_ortvalues([b])[0] for b in buffers]
+    in_types = {i.name: i.type for i in session.get_inputs()}
+    out_names = [o.name for o in session.get_outputs()]
+    hidden = np.ascontiguousarray(hidden, dtype=_ONNX_TO_NP[in_types["hidden"]])
+    if hidden.ndim != 3 or hidden.shape[0] != 1:
+        raise ValueError(f"hidden must be [1, T, H], got {hidden.shape}")
+    t = hidden.shape[1]
+    max_len = buffers[0].shape()[2]
+    if past_len < 0 or past_len + t > max_len:
+        raise ValueError(f"{past_len} + {t} tokens do not fit the cache of {max_len}")
+
+    b = session.io_binding()
+    b.bind_cpu_input("hidden", hidden)
+    b.bind_cpu_input("position_ids", np.arange(past_len, past_len + t, dtype=np.int64)[None])
+    b.bind_cpu_input("seqlens_k", np.array([past_len + t - 1], np.int32))
+    b.bind_cpu_input("total_sequence_length", np.array(past_len + t, np.int32))
+    results = ["hidden_out", "mlp_in"] + (["router_logits"] if "router_logits" in out_names else [])
+    for name in results:  # bound first: get_outputs() returns them first, in this order
+        b.bind_output(name)
+    if "past_latent" in in_types:
+        if len(buffers) != 1:
+            raise ValueError("an MLA layer has one cache buffer (latent)")
+        b.bind_ortvalue_input("past_latent", buffers[0])
+        b.bind_ortvalue_output("present_latent_key", buffers[0])
+        b.bind_ortvalue_output("present_latent_value", buffers[0])
+    else:
+        if len(buffers) != 2:
+            raise ValueError("an MHA layer has two cache buffers (key, value)")
+        for name, buf in zip(("key", "value"), buffers):
+            b.bind_ortvalue_input(f"past_{name}", buf)
+            b.bind_ortvalue_output(f"present_{name}", buf)
+    session.run_with_iobinding(b)
+    # get_outputs (OrtValues, in binding order), not copy_outputs_to_cpu: that would copy the whole cache too
+    outs = [v.numpy() for v in b.get_outputs()[:len(results)]]
+    return outs[0], outs[1], (outs[2] if len(results) == 3 else None)
+
+
+class AttentionSession:
+    """One layer's attention graph with its cache: `step(hidden, past_len)` -> (hidden_out, mlp_in, router_logits).
+
+    `model`: path, serialized bytes or onnx.ModelProto. `buffers`: this layer's cache (numpy arrays, shared with
+    the OrtValues; see cache_ortvalues) or OrtValues; fresh zeroed numpy buffers when omitted."""
+
+    def __init__(self, model, cfg: VL2Config | LanguageConfig, max_len: int, buffers: Sequence | None = None,
+                 providers: Sequence[str] = ("CPUExecutionProvider",), sess_options=None):
+        import onnxruntime as ort
+
+        if hasattr(model, "SerializeToString"):
+            model = model.SerializeToString()
+        self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options,
+                                            providers=list(providers))
+        io = _ONNX_TO_NP[next(i.type for i in self.session.get_inputs() if i.name == "hidden")]
+        if buffers is None:
+            buffers = [np.zeros(s, io) for s in cache_shapes(cfg, max_len)]
+        self.arrays = [b for b in buffers if isinstance(b, np.ndarray)]  # keep the memory alive
+        self.buffers = [b if isinstance(b, ort.OrtValue) else cache_ortvalues([b])[0] for b in buffers]
+
+    def step(self, hidden: np.ndarray, past_len: int):
+        return run_attention_step(self.session, self.buffers, hidden, past_len)

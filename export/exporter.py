@@ -1,0 +1,183 @@
+"""`vl2edge export`: a DeepSeek-VL2 checkpoint -> a runtime artifact directory of split ONNX graphs + manifest.
+
+Graphs: vision (SigLIP + projector), embedding, per layer an attention graph (with the router logits) and an MLP
+graph (dense layer 0, or routed + shared experts), head. See each builder's docstring for its I/O contract and
+manifest.py for the manifest.
+
+Streaming: tensors are read one at a time from the memory-mapped safetensors and each graph is written before the
+next is built, so peak memory is about one graph's weights (the largest: the vision tower, or Small's MoE layer).
+
+Atomic: everything is built in a hidden directory beside OUT and renamed into place only when complete, manifest
+last. An interrupted export leaves no OUT (at most a `.OUT.partial-*` directory, which has no manifest and which
+the next export into the same OUT removes); a failed one removes its partial directory. An existing OUT is
+refused without force=True, and with it is replaced only after the new artifact is complete.
+
+Precision policy (recorded in the manifest):
+  cpu  target: fp32 I/O. Routed experts as asked (QMoE int4/int8, accuracy_level 4; or fp32 MoE). With quantized
+       experts, every other Linear is INT8 MatMulNBits at accuracy_level 4 — on CPU the fastest MatMulNBits path
+       (onnxruntime.md §1.2: 0.03–0.13 ms vs 0.35–0.65 ms for int4 at level 0 on a Tiny-sized matmul) at ~0.5%
+       weight error — and the embedding table is INT8 GatherBlockQuantized. With fp32 experts everything is fp32:
+       the parity artifact.
+  cuda target: fp16 I/O, fp16 non-expert weights (tensor-core GEMMs; int8 activations do not exist there),
+       experts as asked (QMoE int4/int8 or fp16 MoE).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from ..model.checkpoint import Checkpoint
+from ..model.config import VL2Config
+from ..quant.report import QualityReport
+from .attention import build_attention_graph, cache_bytes_per_token, cache_shapes
+from .embedding import KEY as EMBED_KEY
+from .embedding import build_embedding_graph
+from .head import build_head_graph
+from .linear import Precision
+from .manifest import FORMAT_VERSION, graph_entry, write_manifest
+from .mlp import build_mlp_graph
+from .vision import build_vision_graph
+
+EXPERT_CHOICES = ("int4", "int8", "fp16", "fp32")
+COPIED_FILES = ("config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json")
+
+
+class ExportError(ValueError):
+    pass
+
+
+def precision_plan(experts: str, block_size: int, target: str) -> dict[str, Precision]:
+    if experts not in EXPERT_CHOICES:
+        raise ExportError(f"--experts {experts!r}: choose one of {EXPERT_CHOICES}")
+    if block_size not in (32, 64, 128):
+        raise ExportError(f"--block-size {block_size}: choose 32, 64 or 128")
+    if target == "cpu":
+        if experts == "fp16":
+            raise ExportError("--experts fp16 needs --target cuda: ONNX Runtime's CPU MoE kernel is fp32 only")
+        if experts == "fp32":
+            everything = Precision("fp32")
+            return {"experts": everything, "linear": everything, "vision": everything, "embedding": everything,
+                    "lm_head": everything}
+        int8 = Precision("int8", block_size, accuracy_level=4)
+        return {"experts": Precision(experts, block_size, accuracy_level=4), "linear": int8, "vision": int8,
+                "embedding": int8, "lm_head": int8}
+    if target == "cuda":
+        fp16 = Precision("fp16")
+        expert = fp16 if experts in ("fp16", "fp32") else Precision(experts, block_size, accuracy_level=0)
+        return {"experts": expert, "linear": fp16, "vision": fp16, "embedding": fp16, "lm_head": fp16}
+    raise ExportError(f"--target {target!r}: choose cpu or cuda")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _partial_dirs(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.partial-*"))
+
+
+def export(src, out, experts: str = "int4", block_size: int = 64, target: str = "cpu", force: bool = False,
+           max_len: int | None = None, progress: bool = True, revision: str | None = None) -> Path:
+    import torch
+    from safetensors.numpy import save_file
+    from tqdm import tqdm
+
+    plan = precision_plan(experts, block_size, target)
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists (use --force to replace it)")
+    ckpt = Checkpoint.open(src, revision=revision)
+    cfg: VL2Config = ckpt.config
+    L = cfg.language
+    if plan["experts"].bits and L.n_routed_experts:
+        for what, k in (("hidden_size", L.hidden_size), ("moe_intermediate_size", L.moe_intermediate_size)):
+            if k % block_size:  # QMoE quantizes along K in whole blocks
+                raise ExportError(f"--block-size {block_size} does not divide {what} {k}; choose a divisor of it")
+    max_len = max_len or L.max_position_embeddings
+    io_dtype = np.float32 if target == "cpu" else np.float16
+
+    for stale in _partial_dirs(out):  # left by an interrupted export into the same OUT
+        shutil.rmtree(stale, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        t0 = time.perf_counter()
+        get = lambda name: ckpt.tensor(name, torch.float32).numpy()  # noqa: E731
+        report = QualityReport()
+        graphs, layers = {}, []
+        steps = 3 + 2 * L.num_hidden_layers
+        bar = tqdm(total=steps, desc=f"export {experts}/{target}", unit="graph", disable=not progress)
+
+        def save(g, name):
+            g.save(tmp / f"{name}.onnx")
+            bar.update()
+            return graph_entry(g, f"{name}.onnx")
+
+        graphs["vision"] = save(build_vision_graph(cfg, get, plan["vision"], io_dtype, report), "vision")
+        graphs["embedding"] = save(build_embedding_graph(cfg, get(EMBED_KEY), plan["embedding"], io_dtype, report),
+                                   "embedding")
+        for i in range(L.num_hidden_layers):
+            attn = save(build_attention_graph(cfg, i, get, plan["linear"], io_dtype, max_len, report),
+                        f"layer{i:02d}_attention")
+            mlp = save(build_mlp_graph(cfg, i, get, plan["linear"], plan["experts"], io_dtype, report),
+                       f"layer{i:02d}_{'moe' if L.is_moe_layer(i) else 'mlp'}")
+            layers.append({"attention": attn, "mlp": mlp, "moe": L.is_moe_layer(i)})
+        graphs["head"] = save(build_head_graph(cfg, get, plan["lm_head"], io_dtype, report), "head")
+        bar.close()
+
+        save_file({"image_newline": get("image_newline").astype(io_dtype),
+                   "view_seperator": get("view_seperator").astype(io_dtype)}, str(tmp / "image_tokens.safetensors"))
+        if L.topk_method == "noaux_tc":  # the runtime's dispatch needs VL2's selection bias; the graphs do not
+            save_file({f"layer{i}": get(f"language.model.layers.{i}.mlp.gate.e_score_correction_bias")
+                       for i in range(L.num_hidden_layers) if L.is_moe_layer(i)}, str(tmp / "router_bias.safetensors"))
+        for name in COPIED_FILES:
+            if (ckpt.dir / name).is_file():
+                shutil.copyfile(ckpt.dir / name, tmp / name)
+        (tmp / "quality_report.json").write_text(json.dumps(report.summary(), indent=2) + "\n")
+
+        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        manifest = {
+            "format": "vl2edge-artifact",
+            "format_version": FORMAT_VERSION,
+            "source": {"checkpoint": str(ckpt.dir), "config": cfg.raw},
+            "target": target,
+            "io_dtype": np.dtype(io_dtype).name,
+            "quantization": {k: p.describe() for k, p in plan.items()},
+            "attention": {"kind": "mla_absorbed_gqa" if L.use_mla else "mha_gqa", "max_len": max_len,
+                          "cache": {"dtype": np.dtype(io_dtype).name,
+                                    "buffers_per_layer": [list(s) for s in cache_shapes(cfg, max_len)]},
+                          "cache_bytes_per_token": cache_bytes_per_token(cfg, io_dtype)},
+            "graphs": {**graphs, "layers": layers},
+            "image_tokens": "image_tokens.safetensors",
+            "router_bias": "router_bias.safetensors" if L.topk_method == "noaux_tc" else None,
+            "quality_report": "quality_report.json",
+            "files": files,
+            "export_seconds": round(time.perf_counter() - t0, 2),
+        }
+        write_manifest(tmp, manifest)
+        if out.exists():  # --force: swap only now that the new artifact is complete
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

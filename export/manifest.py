@@ -1,0 +1,47 @@
+"""manifest.json of an exported artifact: what the runtime needs to open it, and how to trust it.
+
+Written last by the exporter (so a directory without it is not an artifact) and read by the runtime, which checks
+`format`, `format_version` and the sha256 of every file before creating any session. Kept free of onnx/torch
+imports so the torch-free runtime can import the constants from here.
+
+Top-level keys:
+  format, format_version   "vl2edge-artifact", FORMAT_VERSION
+  source                   {"checkpoint": path, "config": the checkpoint's config.json}
+  target, io_dtype         "cpu" / "float32" or "cuda" / "float16"
+  quantization             per weight group (experts, linear, vision, embedding, lm_head): kind, block_size, ...
+  attention                kind ("mha_gqa" | "mla_absorbed_gqa"), max_len, cache (per-layer buffers), bytes/token
+  graphs                   vision, embedding, head: {file, inputs, outputs}; layers: [{attention, mlp, moe}]
+  image_tokens             safetensors file with image_newline and view_seperator
+  quality_report           per tensor kind: relative error and cosine of the quantized weights
+  files                    {name: {sha256, bytes}} for every other file of the directory
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FORMAT = "vl2edge-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+# onnx.TensorProto element types -> numpy dtype names (no onnx import needed to read a manifest)
+_ELEM_TYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 2: "uint8", 9: "bool", 16: "bfloat16"}
+
+
+def _value_info(v) -> dict:
+    t = v.type.tensor_type
+    dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+    return {"name": v.name, "dtype": _ELEM_TYPES.get(t.elem_type, str(t.elem_type)), "shape": dims}
+
+
+def graph_entry(builder, file: str) -> dict:
+    """A graph's manifest entry from the GraphBuilder that wrote `file`."""
+    return {"file": file, "inputs": [_value_info(v) for v in builder.inputs],
+            "outputs": [_value_info(v) for v in builder.outputs]}
+
+
+def write_manifest(directory: Path, manifest: dict) -> Path:
+    path = Path(directory) / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return path

@@ -1,0 +1,128 @@
+"""Per-layer MLP graphs: the dense SwiGLU MLP of layer 0, and the routed + shared experts of MoE layers.
+
+I/O contract (the runtime binds these names):
+  inputs   hidden          io [1, T, H]   residual stream after attention (the attention graph's `hidden_out`)
+           mlp_in          io [1, T, H]   post-attention RMSNorm of it (the attention graph's `mlp_in`)
+           router_probs    io [T, E]      MoE only: 1 at the k experts the runtime chose, 0 elsewhere (only its top-k
+                                          is read; a 0/1 mask makes that exact, with no ties to break)
+           router_weights  io [T, E]      MoE only: the mixing weight of each expert, read at the chosen ones
+  output   hidden_out      io [1, T, H]   hidden + MLP(mlp_in)
+
+The runtime decides routing (softmax/greedy, sigmoid/noaux_tc, groups) and hands the graph only which experts and
+their weights: the graph never re-derives them, and computes only the k chosen experts per token.
+
+Routed experts:
+  int4 / int8: com.microsoft QMoE with gate/up rows interleaved (swiglu_fusion 1, alpha 1, beta 0: silu(g) * u),
+      router_weights given and normalize_routing_weights 0. Without router_weights the CPU kernel renormalizes the
+      top-k weights whatever the attribute says (onnxruntime.md §1.3): wrong for DeepSeek's unnormalized weights.
+  fp32 / fp16: com.microsoft MoE, which has no router_weights input and always uses softmax over the k selected
+      router_probs. So the graph feeds it log(w) at the selected experts (and -1e4 elsewhere): the softmax over
+      the selected ones is then w / sum(w), and the output is multiplied back by sum(w) per token. Exact math.
+Shared experts and the dense MLP: gated MLPs of Linear layers at the non-expert precision.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ..model.config import VL2Config
+from ..quant.blockwise import dequantize, quantize_blockwise
+from ..quant.pack import interleave_gate_up, pack_qmoe
+from ..quant.report import QualityReport
+from .linear import Precision, emit_linear
+from .onnx_builder import MS_DOMAIN, GraphBuilder
+
+Getter = Callable[[str], np.ndarray]
+
+
+def _gated_mlp(g: GraphBuilder, x: str, get: Getter, prefix: str, prec: Precision, io_dtype, report, kind: str) -> str:
+    gate = emit_linear(g, x, get(prefix + "gate_proj.weight"), prec, io_dtype, prefix + "gate_proj", report=report,
+                       report_kind=kind)
+    up = emit_linear(g, x, get(prefix + "up_proj.weight"), prec, io_dtype, prefix + "up_proj", report=report,
+                     report_kind=kind)
+    act = g.op("Mul", [gate, g.op("Sigmoid", [gate], hint=prefix + "sigmoid")], hint=prefix + "silu")
+    h = g.op("Mul", [act, up], hint=prefix + "gated")
+    return emit_linear(g, h, get(prefix + "down_proj.weight"), prec, io_dtype, prefix + "down_proj", report=report,
+                       report_kind=kind)
+
+
+def _stacked_experts(cfg: VL2Config, get: Getter, prefix: str, prec: Precision, scale_dtype, report):
+    """fc1 [E, 2I, H] (interleaved gate/up) and fc2 [E, H, I], quantized one expert at a time (bounded memory)."""
+    E = cfg.language.n_routed_experts
+    fc1_parts, fc2_parts = [], []
+    for e in range(E):
+        p = f"{prefix}experts.{e}."
+        fc1 = interleave_gate_up(get(p + "gate_proj.weight")[None], get(p + "up_proj.weight")[None])
+        fc2 = get(p + "down_proj.weight")[None]
+        if prec.bits is None:
+            fc1_parts.append(fc1)
+            fc2_parts.append(fc2)
+            continue
+        for w, parts, kind in ((fc1, fc1_parts, "experts.fc1"), (fc2, fc2_parts, "experts.fc2")):
+            qt = quantize_blockwise(w, bits=prec.bits, block_size=prec.block_size, symmetric=True,
+                                    scale_dtype=scale_dtype)
+            if report is not None:
+                report.add(kind, f"{p}{kind}", w, dequantize(qt))
+            parts.append(pack_qmoe(qt))
+    if prec.bits is None:
+        return np.concatenate(fc1_parts), np.concatenate(fc2_parts)
+    stack = lambda parts, i: np.concatenate([pp[i] for pp in parts])  # noqa: E731
+    return (stack(fc1_parts, 0), stack(fc1_parts, 1)), (stack(fc2_parts, 0), stack(fc2_parts, 1))
+
+
+def _routed_experts(g: GraphBuilder, x2d: str, probs: str, weights: str, cfg: VL2Config, get: Getter, prefix: str,
+                    prec: Precision, io_dtype, report) -> str:
+    L = cfg.language
+    common = dict(k=L.num_experts_per_tok, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+                  activation_beta=0.0, normalize_routing_weights=0)
+    scale_dtype = np.float16 if np.dtype(io_dtype) == np.float16 else np.float32
+    fc1, fc2 = _stacked_experts(cfg, get, prefix, prec, scale_dtype, report)
+    if prec.bits is not None:
+        (w1, s1), (w2, s2) = fc1, fc2
+        inputs = [x2d, probs, g.const(prefix + "fc1.qweight", w1), g.const(prefix + "fc1.scales", s1.astype(io_dtype)),
+                  "", g.const(prefix + "fc2.qweight", w2), g.const(prefix + "fc2.scales", s2.astype(io_dtype)),
+                  "", "", "", "", "", "", "", weights]  # zero points absent (symmetric); input 14 = router_weights
+        return g.op("QMoE", inputs, domain=MS_DOMAIN, hint=prefix + "qmoe", expert_weight_bits=prec.bits,
+                    block_size=prec.block_size, accuracy_level=prec.accuracy_level, **common)
+    # Unquantized MoE: feed log(w) of the selected experts as router_probs (see module docstring).
+    k = g.const(prefix + "k", np.array([L.num_experts_per_tok], np.int64))
+    _, idx = g.op("TopK", [probs, k], n_out=2, hint=prefix + "topk", axis=-1, largest=1, sorted=0)
+    w_sel = g.op("GatherElements", [weights, idx], hint=prefix + "w_sel", axis=1)
+    floor = g.op("Add", [g.op("Mul", [probs, g.const(prefix + "zero", np.zeros((), io_dtype))]),
+                         g.const(prefix + "minus", np.array(-1e4, io_dtype))], hint=prefix + "floor")
+    logits = g.op("ScatterElements", [floor, idx, g.op("Log", [w_sel], hint=prefix + "logw")], hint=prefix + "logits",
+                  axis=1)
+    y = g.op("MoE", [x2d, logits, g.const(prefix + "fc1.weight", fc1.astype(io_dtype)), "",
+                     g.const(prefix + "fc2.weight", fc2.astype(io_dtype))], domain=MS_DOMAIN, hint=prefix + "moe",
+             **common)
+    total = g.op("ReduceSum", [w_sel, g.const(prefix + "axis1", np.array([1], np.int64))], hint=prefix + "w_sum",
+                 keepdims=1)
+    return g.op("Mul", [y, total], hint=prefix + "rescaled")
+
+
+def build_mlp_graph(cfg: VL2Config, layer: int, get: Getter, prec: Precision, expert_prec: Precision,
+                    io_dtype=np.float32, report: QualityReport | None = None) -> GraphBuilder:
+    """`get(name)` returns a checkpoint tensor as fp32 numpy. `prec` is for the dense MLP and shared experts,
+    `expert_prec` for the routed experts."""
+    L = cfg.language
+    H = L.hidden_size
+    prefix = f"language.model.layers.{layer}.mlp."
+    moe = L.is_moe_layer(layer)
+    g = GraphBuilder(f"layer{layer}_{'moe' if moe else 'mlp'}")
+    hidden = g.input("hidden", io_dtype, [1, "T", H])
+    x = g.input("mlp_in", io_dtype, [1, "T", H])
+    if not moe:
+        y = _gated_mlp(g, x, get, prefix, prec, io_dtype, report, "dense_mlp")
+    else:
+        probs = g.input("router_probs", io_dtype, ["T", L.n_routed_experts])
+        weights = g.input("router_weights", io_dtype, ["T", L.n_routed_experts])
+        x2d = g.op("Reshape", [x, g.const("shape_2d", np.array([-1, H], np.int64))], hint="tokens")
+        routed = _routed_experts(g, x2d, probs, weights, cfg, get, prefix, expert_prec, io_dtype, report)
+        y = g.op("Reshape", [routed, g.const("shape_3d", np.array([1, -1, H], np.int64))], hint="routed")
+        if L.n_shared_experts:
+            y = g.op("Add", [y, _gated_mlp(g, x, get, prefix + "shared_experts.", prec, io_dtype, report,
+                                           "shared_experts")], hint="with_shared")
+    g.output(g.op("Add", [hidden, y], hint="residual"), "hidden_out", io_dtype, [1, "T", H])
+    return g

@@ -1,0 +1,99 @@
+"""A small graph builder over onnx.helper: named inputs, initializers, nodes, outputs; saved with external data.
+
+Every graph of the artifact is built with it, so the conventions live here once: ONNX IR version 10 (ORT 1.31
+refuses the IR 14 that onnx 1.23 stamps by default), opset 21 for standard ops plus com.microsoft 1 for ORT's
+contrib ops, weights in a `<graph>.onnx.data` side file (memory-mapped at load; no 2 GB protobuf limit).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+IR_VERSION = 10
+OPSET = 21
+MS_DOMAIN = "com.microsoft"
+
+NP_TO_ONNX = {
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.float16): TensorProto.FLOAT16,
+    np.dtype(np.int64): TensorProto.INT64,
+    np.dtype(np.int32): TensorProto.INT32,
+    np.dtype(np.uint8): TensorProto.UINT8,
+    np.dtype(np.bool_): TensorProto.BOOL,
+}
+
+
+class GraphBuilder:
+    def __init__(self, name: str):
+        self.name = name
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._names: set[str] = set()
+
+    def _unique(self, hint: str) -> str:
+        name, i = hint, 1
+        while name in self._names:
+            name, i = f"{hint}_{i}", i + 1
+        self._names.add(name)
+        return name
+
+    def input(self, name: str, dtype, shape) -> str:
+        self._names.add(name)
+        self.inputs.append(helper.make_tensor_value_info(name, NP_TO_ONNX[np.dtype(dtype)], shape))
+        return name
+
+    def output(self, value: str, name: str, dtype, shape) -> str:
+        """Expose `value` as graph output `name` (an Identity when the names differ)."""
+        if value != name:
+            self.nodes.append(helper.make_node("Identity", [value], [name]))
+            self._names.add(name)
+        self.outputs.append(helper.make_tensor_value_info(name, NP_TO_ONNX[np.dtype(dtype)], shape))
+        return name
+
+    def const(self, hint: str, array) -> str:
+        name = self._unique(hint)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", hint: str | None = None,
+           out_names: list[str] | None = None, **attrs):
+        """Add a node; returns its output name (or a list of names when n_out > 1). '' in inputs = omitted.
+        `out_names` gives the outputs exact names (e.g. graph outputs that must not go through an Identity)."""
+        base = hint or op_type.lower()
+        if out_names is not None:
+            if len(out_names) != n_out or any(n in self._names for n in out_names):
+                raise ValueError(f"out_names {out_names} must be {n_out} names not used yet")
+            self._names.update(out_names)
+            outs = list(out_names)
+        else:
+            outs = [self._unique(f"{base}_out{i}" if n_out > 1 else base) for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self._unique(f"n_{base}"),
+                                           domain=domain or None, **attrs))
+        return outs if n_out > 1 else outs[0]
+
+    # --- common blocks ------------------------------------------------------------------------------------------
+    def rms_norm(self, x: str, weight: np.ndarray, eps: float, dtype, hint: str) -> str:
+        """RMSNorm: x / sqrt(mean(x^2) + eps) * weight, statistics in fp32 (stash_type 1)."""
+        w = self.const(f"{hint}.weight", weight.astype(dtype))
+        return self.op("SimplifiedLayerNormalization", [x, w], hint=hint, axis=-1, epsilon=float(eps), stash_type=1)
+
+    def model(self) -> onnx.ModelProto:
+        g = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+                              producer_name="vl2edge")
+        m.ir_version = IR_VERSION
+        return m
+
+    def save(self, path: str | Path) -> Path:
+        """Write `path` and its weights to `path.name + '.data'` beside it."""
+        path = Path(path)
+        m = self.model()
+        onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+        return path

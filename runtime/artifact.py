@@ -1,0 +1,86 @@
+"""Opening an exported artifact: the manifest checked before any session exists.
+
+Checks, each failing with an ArtifactError that names the directory and the file at fault:
+  the directory exists and has manifest.json (a checkpoint directory is recognized and pointed to `vl2edge export`);
+  format and format_version are the ones this runtime reads;
+  every file the manifest lists exists with its size and (verify="sha256", the default) its sha256;
+  every graph file the manifest references is among the listed files.
+verify="size" skips hashing for fast starts on a trusted disk (hashing reads the whole artifact once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..export.manifest import FORMAT, FORMAT_VERSION, MANIFEST
+
+
+class ArtifactError(ValueError):
+    """A missing, corrupt or mismatched artifact."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    dir: Path
+    manifest: dict
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    @property
+    def config(self) -> dict:
+        return self.manifest["source"]["config"]
+
+    def graph_files(self) -> list[str]:
+        g = self.manifest["graphs"]
+        files = [g["vision"]["file"], g["embedding"]["file"], g["head"]["file"]]
+        for layer in g["layers"]:
+            files += [layer["attention"]["file"], layer["mlp"]["file"]]
+        return files
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def open_artifact(path, verify: str = "sha256") -> Artifact:
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        raise ArtifactError(f"{d}: no such artifact directory")
+    mpath = d / MANIFEST
+    if not mpath.is_file():
+        if (d / "config.json").is_file() and any(d.glob("*.safetensors")):
+            raise ArtifactError(f"{d} is a checkpoint, not an exported artifact: run `vl2edge export {d} OUT` "
+                                f"first, or use --backend torch")
+        raise ArtifactError(f"{d}: no {MANIFEST} (not a vl2edge artifact, or an export that did not finish)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{mpath}: not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{mpath}: format_version {manifest.get('format_version')!r}; this runtime reads "
+                            f"version {FORMAT_VERSION} (re-export with this vl2edge)")
+    files = manifest.get("files", {})
+    for name, meta in files.items():
+        f = d / name
+        if not f.is_file():
+            raise ArtifactError(f"{d}: missing file {name!r} listed in the manifest")
+        if f.stat().st_size != meta["bytes"]:
+            raise ArtifactError(f"{f}: {f.stat().st_size} bytes, the manifest says {meta['bytes']} (truncated or "
+                                f"replaced)")
+        if verify == "sha256" and _sha256(f) != meta["sha256"]:
+            raise ArtifactError(f"{f}: sha256 does not match the manifest (corrupt or modified)")
+    art = Artifact(d, manifest)
+    for name in art.graph_files():
+        if name not in files:
+            raise ArtifactError(f"{mpath}: graph {name!r} is not among the manifest's files")
+    return art

@@ -1,0 +1,219 @@
+"""The engine: ONNX Runtime sessions over an artifact, the KV cache, and one forward step at a time.
+
+State is one conversation: `length` tokens are in the cache. Every step runs, per layer, the attention graph (its
+GroupQueryAttention appends to the cache buffers IN PLACE: the same OrtValue is bound as past_* input and present_*
+output, so no cache is ever copied), the dispatch (runtime/dispatch.py: the model's exact top-k and weights from the
+router logits), and the expert graph, which computes only the chosen experts. The head graph gives the last
+position's logits.
+
+Caches are allocated once, sized to the artifact's max_len, and reused for the whole conversation (`reset()` only
+rewinds `length`).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+from safetensors.numpy import load_file
+
+from ..model.config import VL2Config
+from .artifact import Artifact, open_artifact
+from .dispatch import ExpertCounts, RoutingConfig, expert_graph_inputs, route
+from .image_layout import scatter_images
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+class ContextFullError(ValueError):
+    """More tokens than the cache (the model's context) can hold."""
+
+
+def resolve_providers(provider: str | None) -> tuple[list[str], str]:
+    """provider None = best available (CUDA, then CPU); a requested one that is absent falls back with a warning."""
+    available = ort.get_available_providers()
+    if provider is None:
+        name = "cuda" if PROVIDERS["cuda"] in available else "cpu"
+    else:
+        name = provider.lower()
+        if name not in PROVIDERS:
+            raise ValueError(f"provider {provider!r}: choose one of {sorted(PROVIDERS)}")
+        if PROVIDERS[name] not in available:
+            warnings.warn(f"{PROVIDERS[name]} is not available in this onnxruntime ({available}); using CPU",
+                          RuntimeWarning, stacklevel=3)
+            name = "cpu"
+    return ([PROVIDERS["cuda"], PROVIDERS["cpu"]] if name == "cuda" else [PROVIDERS["cpu"]]), name
+
+
+@dataclass
+class StepTimings:
+    """Seconds spent per stage, accumulated (the bench reads these)."""
+
+    attention: float = 0.0
+    dispatch: float = 0.0
+    experts: float = 0.0
+    head: float = 0.0
+    embed: float = 0.0
+    vision: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Layer:
+    attention: ort.InferenceSession
+    mlp: ort.InferenceSession
+    moe: bool
+    past_names: list[str]
+    present_to_past: dict[str, str]
+    has_router: bool
+    bias: np.ndarray | None = None
+
+
+class Engine:
+    def __init__(self, artifact: str | Artifact, provider: str | None = None, threads: int | None = None,
+                 verify: str = "sha256"):
+        self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(artifact, verify=verify)
+        m = self.artifact.manifest
+        self.config = VL2Config.from_dict(m["source"]["config"], str(self.artifact.dir / "manifest.json"))
+        self.io_dtype = np.dtype(m["io_dtype"])
+        self.max_len = int(m["attention"]["max_len"])
+        self.providers, self.provider = resolve_providers(provider)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        self._opts = opts
+        g = m["graphs"]
+        self.vision = self._session(g["vision"]["file"])
+        self.embedding = self._session(g["embedding"]["file"])
+        self.head = self._session(g["head"]["file"])
+        bias = load_file(str(self.artifact.path(m["router_bias"]))) if m.get("router_bias") else {}
+        self.layers = []
+        for i, entry in enumerate(g["layers"]):
+            ins = [v["name"] for v in entry["attention"]["inputs"]]
+            outs = [v["name"] for v in entry["attention"]["outputs"]]
+            past = [n for n in ins if n.startswith("past_")]
+            present = {o: next(p for p in past if o[len("present_"):].startswith(p[len("past_"):]))
+                       for o in outs if o.startswith("present_")}
+            self.layers.append(_Layer(self._session(entry["attention"]["file"]), self._session(entry["mlp"]["file"]),
+                                      entry["moe"], past, present, "router_logits" in outs, bias.get(f"layer{i}")))
+        tokens = load_file(str(self.artifact.path(m["image_tokens"])))
+        self.image_newline, self.view_separator = tokens["image_newline"], tokens["view_seperator"]
+        self.routing = RoutingConfig.from_language_config(self.config.language) \
+            if self.config.language.n_routed_experts else None
+        self.expert_counts = ExpertCounts(self.config.language.n_routed_experts or 0)
+        self.timings = StepTimings()
+        self._allocate_caches([tuple(s) for s in m["attention"]["cache"]["buffers_per_layer"]])
+        self.length = 0
+
+    def _session(self, file: str) -> ort.InferenceSession:
+        return ort.InferenceSession(str(self.artifact.path(file)), sess_options=self._opts, providers=self.providers)
+
+    def _allocate_caches(self, shapes: list[tuple[int, ...]]) -> None:
+        """One set of buffers per layer, bound in place at every step. On CPU the OrtValues share the numpy arrays'
+        memory; on CUDA they live on the device."""
+        self.cache_arrays, self.caches = [], []
+        for _ in self.layers:
+            if self.provider == "cuda":
+                vals = [ort.OrtValue.ortvalue_from_shape_and_type(list(s), self.io_dtype.type, "cuda", 0)
+                        for s in shapes]
+                arrays = None
+            else:
+                arrays = [np.zeros(s, self.io_dtype) for s in shapes]
+                vals = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+            self.cache_arrays.append(arrays)
+            self.caches.append(vals)
+
+    def cache_nbytes(self) -> int:
+        return sum(v.numpy().nbytes if self.provider == "cpu" else int(np.prod(v.shape())) * self.io_dtype.itemsize
+                   for layer in self.caches for v in layer)
+
+    def reset(self) -> None:
+        """Forget the conversation (the buffers are kept and overwritten)."""
+        self.length = 0
+
+    # --- inputs -----------------------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: np.ndarray, batch: int = 4) -> np.ndarray:
+        """tiles [n, 3, 384, 384] -> [n, 196, D], `batch` tiles per vision call (bounded activation memory)."""
+        t0 = time.perf_counter()
+        outs = [self.vision.run(None, {"pixel_values": pixel_values[i:i + batch].astype(self.io_dtype)})[0]
+                for i in range(0, len(pixel_values), batch)]
+        self.timings.vision += time.perf_counter() - t0
+        return np.concatenate(outs) if outs else np.zeros((0, 0, 0), self.io_dtype)
+
+    def embed(self, input_ids, pixel_values=None, images_seq_mask=None, images_spatial_crop=None) -> np.ndarray:
+        """Token embeddings [T, H] with every image's layout in its slots."""
+        t0 = time.perf_counter()
+        x = self.embedding.run(None, {"input_ids": np.asarray(input_ids, np.int64).reshape(-1)})[0]
+        self.timings.embed += time.perf_counter() - t0
+        if pixel_values is not None and len(pixel_values):
+            tiles = self.encode_images(np.asarray(pixel_values))
+            scatter_images(x, tiles, images_spatial_crop, images_seq_mask, self.image_newline, self.view_separator,
+                           self.config.global_view_pos == "head")
+        return x
+
+    # --- forward ----------------------------------------------------------------------------------------------
+    def forward(self, embeds: np.ndarray) -> np.ndarray:
+        """Append embeds [T, H] to the conversation; returns the last position's logits [V] (fp32)."""
+        t = embeds.shape[0]
+        past = self.length
+        if past + t > self.max_len:
+            raise ContextFullError(f"{past + t} tokens exceed the context of {self.max_len} "
+                                   f"(over by {past + t - self.max_len})")
+        x = embeds.reshape(1, t, -1).astype(self.io_dtype, copy=False)
+        positions = np.arange(past, past + t, dtype=np.int64).reshape(1, t)
+        seqlens = np.array([past + t - 1], np.int32)
+        total = np.array(past + t, np.int32)
+        for i, layer in enumerate(self.layers):
+            t0 = time.perf_counter()
+            b = layer.attention.io_binding()
+            b.bind_cpu_input("hidden", x)
+            b.bind_cpu_input("position_ids", positions)
+            b.bind_cpu_input("seqlens_k", seqlens)
+            b.bind_cpu_input("total_sequence_length", total)
+            names = ["hidden_out", "mlp_in"] + (["router_logits"] if layer.has_router else [])
+            for n in names:  # bound first: get_outputs() lists outputs in binding order
+                b.bind_output(n)
+            buffers = dict(zip(layer.past_names, self.caches[i]))
+            for name, val in buffers.items():
+                b.bind_ortvalue_input(name, val)
+            for out, past_name in layer.present_to_past.items():
+                b.bind_ortvalue_output(out, buffers[past_name])  # in place: present IS past
+            layer.attention.run_with_iobinding(b)
+            outs = dict(zip(names, (o.numpy() for o in b.get_outputs()[:len(names)])))
+            t1 = time.perf_counter()
+            self.timings.attention += t1 - t0
+            feeds = {"hidden": outs["hidden_out"], "mlp_in": outs["mlp_in"]}
+            if layer.moe:
+                idx, w = route(outs["router_logits"], self.routing, layer.bias)
+                self.expert_counts.add(i, idx)
+                feeds["router_probs"], feeds["router_weights"] = expert_graph_inputs(
+                    idx, w, self.routing.num_experts, self.io_dtype)
+            t2 = time.perf_counter()
+            self.timings.dispatch += t2 - t1
+            x = layer.mlp.run(None, feeds)[0]
+            self.timings.experts += time.perf_counter() - t2
+        self.length = past + t
+        t0 = time.perf_counter()
+        logits = self.head.run(None, {"hidden": x})[0][0]
+        self.timings.head += time.perf_counter() - t0
+        return logits
+
+    def prefill(self, embeds: np.ndarray, chunk_size: int = 512) -> np.ndarray:
+        """Feed a prompt in chunks (bounded activation memory: the official "incremental prefilling")."""
+        if self.length + len(embeds) > self.max_len:
+            raise ContextFullError(f"prompt of {len(embeds)} tokens after {self.length} in the cache exceeds the "
+                                   f"context of {self.max_len} (over by {self.length + len(embeds) - self.max_len})")
+        step = chunk_size if chunk_size > 0 else len(embeds)
+        logits = None
+        for c in range(0, len(embeds), step):
+            logits = self.forward(embeds[c:c + step])
+        return logits
+
+    def decode(self, token: int) -> np.ndarray:
+        return self.forward(self.embed([token]))

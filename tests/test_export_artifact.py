@@ -1,0 +1,189 @@
+"""Whole artifacts: export every test preset, run it with the runtime engine, compare with the PyTorch reference.
+
+Thresholds: fp32 artifacts must reproduce the reference (logits 1e-4 relative, every greedy token). INT8 (weights
+~0.5% relative error, int8 activations at accuracy_level 4) keeps prefill logits within 5% and top-1 agreement;
+INT4 (~10% weight error) within 15% and a cosine > 0.98 of the last-position logits. Synthesized weights give
+near-flat logit distributions, where a few percent of error may reorder close candidates later in a greedy run, so
+quantized runs assert the first token, not the whole sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vl2edge.export.exporter import ExportError, export
+from vl2edge.model.generate import SamplingConfig, generate
+from vl2edge.model.vl2 import DeepseekVL2
+from vl2edge.runtime.artifact import ArtifactError, open_artifact
+from vl2edge.runtime.engine import ContextFullError, Engine
+from vl2edge.runtime.processor import Processor
+
+PRESETS = ("test-tiny", "test-small", "test-vl2")
+
+
+@pytest.fixture(scope="module")
+def artifacts(test_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("artifacts")
+    out = {}
+    for p in PRESETS:
+        for experts in ("fp32", "int8", "int4"):
+            out[p, experts] = export(test_checkpoints[p], root / f"{p}-{experts}", experts=experts, block_size=32,
+                                     progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def references(test_checkpoints):
+    return {p: DeepseekVL2.from_checkpoint(test_checkpoints[p]) for p in PRESETS}
+
+
+def prompt(test_checkpoints, preset):
+    proc = Processor.from_dir(test_checkpoints[preset])
+    return proc("<image>\nWhat is on the table?", images=[Image.new("RGB", (640, 480), (180, 40, 40))])
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_fp32_artifact_reproduces_the_reference(test_checkpoints, artifacts, references, preset):
+    inp = prompt(test_checkpoints, preset)
+    model = references[preset]
+    eng = Engine(artifacts[preset, "fp32"])
+    logits = eng.prefill(eng.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop),
+                         chunk_size=256)
+    ref = model(inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop, all_logits=False)
+    ref = ref[0, -1].numpy()
+    assert np.abs(logits - ref).max() / np.abs(ref).max() < 1e-4
+    tokens = [int(logits.argmax())]
+    for _ in range(11):
+        tokens.append(int(eng.decode(tokens[-1]).argmax()))
+    expected = generate(model, inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop,
+                        SamplingConfig(max_new_tokens=12), eos_token_id=-1).tokens
+    assert tokens == expected
+    assert eng.length == inp.seq_len + 11
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("experts,max_rel,min_cos", [("int8", 0.05, 0.998), ("int4", 0.15, 0.98)])
+def test_quantized_artifacts_track_fp32(test_checkpoints, artifacts, references, preset, experts, max_rel, min_cos):
+    inp = prompt(test_checkpoints, preset)
+    ref = references[preset](inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop,
+                             all_logits=False)[0, -1].numpy()
+    eng = Engine(artifacts[preset, experts])
+    logits = eng.prefill(eng.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop))
+    cos = float(logits @ ref / np.linalg.norm(logits) / np.linalg.norm(ref))
+    assert np.abs(logits - ref).max() / np.abs(ref).max() < max_rel
+    assert cos > min_cos
+    assert logits.argmax() == ref.argmax()
+    report = json.loads((artifacts[preset, experts] / "quality_report.json").read_text())
+    assert report["experts.fc1"]["cosine"]["min"] > (0.999 if experts == "int8" else 0.98)
+
+
+def test_manifest_describes_the_artifact(artifacts):
+    art = open_artifact(artifacts["test-small", "int4"])
+    m = art.manifest
+    assert m["target"] == "cpu" and m["io_dtype"] == "float32"
+    assert m["quantization"]["experts"] == {"kind": "int4", "block_size": 32, "accuracy_level": 4, "symmetric": True}
+    assert m["quantization"]["linear"]["kind"] == "int8"
+    assert m["attention"]["kind"] == "mla_absorbed_gqa"
+    assert m["attention"]["cache"]["buffers_per_layer"] == [[1, 1, 4096, 32 + 8]]  # latent + rope key only
+    assert len(m["graphs"]["layers"]) == 3 and [x["moe"] for x in m["graphs"]["layers"]] == [False, True, True]
+    assert {"tokenizer.json", "processor_config.json", "config.json"} <= set(m["files"])
+    assert open_artifact(artifacts["test-tiny", "fp32"]).manifest["attention"]["kind"] == "mha_gqa"
+    assert open_artifact(artifacts["test-vl2", "fp32"]).manifest["router_bias"] == "router_bias.safetensors"
+
+
+def test_corrupt_or_wrong_artifacts_are_refused(artifacts, test_checkpoints, tmp_path):
+    import shutil
+
+    src = artifacts["test-tiny", "int8"]
+    bad = shutil.copytree(src, tmp_path / "bad")
+    with open(bad / "head.onnx.data", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ArtifactError, match="head.onnx.data.*sha256"):
+        open_artifact(bad)
+    open_artifact(bad, verify="size")  # same size: only hashing sees it
+    (bad / "vision.onnx").unlink()
+    with pytest.raises(ArtifactError, match="missing file 'vision.onnx'"):
+        open_artifact(bad, verify="size")
+    with pytest.raises(ArtifactError, match="checkpoint, not an exported artifact"):
+        open_artifact(test_checkpoints["test-tiny"])
+    with pytest.raises(ArtifactError, match="no such artifact"):
+        open_artifact(tmp_path / "nothing")
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    other = shutil.copytree(src, tmp_path / "future")
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="format_version 99"):
+        open_artifact(other, verify="size")
+
+
+def test_caches_are_written_in_place_and_context_is_bounded(artifacts):
+    eng = Engine(artifacts["test-small", "fp32"])
+    ptrs = [v.data_ptr() for layer in eng.caches for v in layer]
+    arr = eng.cache_arrays[1][0]
+    x = eng.embed(np.arange(10, 60))
+    eng.prefill(x)
+    assert np.abs(arr[0, 0, :50]).sum() > 0 and not arr[0, 0, 50:].any()  # written in the numpy buffer itself
+    eng.decode(7)
+    assert [v.data_ptr() for layer in eng.caches for v in layer] == ptrs
+    assert arr[0, 0, 50].any()
+    assert eng.cache_nbytes() == 3 * 4096 * 40 * 4
+    with pytest.raises(ContextFullError, match="over by"):
+        eng.prefill(np.zeros((4096, 64), np.float32))
+
+
+def test_export_refuses_bad_requests_and_existing_output(test_checkpoints, tmp_path):
+    out = tmp_path / "a"
+    out.mkdir()
+    with pytest.raises(FileExistsError, match="--force"):
+        export(test_checkpoints["test-tiny"], out, progress=False)
+    with pytest.raises(ExportError, match="needs --target cuda"):
+        export(test_checkpoints["test-tiny"], tmp_path / "b", experts="fp16", progress=False)
+    with pytest.raises(ExportError, match="block-size"):
+        export(test_checkpoints["test-tiny"], tmp_path / "c", block_size=48, progress=False)
+    with pytest.raises(ExportError, match="does not divide moe_intermediate_size 32"):
+        export(test_checkpoints["test-tiny"], tmp_path / "d", block_size=64, progress=False)
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_failed_export_leaves_nothing(test_checkpoints, tmp_path, monkeypatch):
+    import vl2edge.export.exporter as exporter
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(exporter, "build_head_graph", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export(test_checkpoints["test-tiny"], tmp_path / "out", block_size=32, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_export_leaves_no_artifact_and_force_replaces_atomically(test_checkpoints, tmp_path):
+    out = tmp_path / "art"
+    code = ("import sys; from vl2edge.export.exporter import export; "
+            f"export({str(test_checkpoints['test-vl2'])!r}, {str(out)!r}, experts='int4', block_size=32, progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".art.partial-*/layer01_*.onnx")):
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".art.partial-*")), "the export never started writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # killed midway: no artifact, only a hidden partial directory without a manifest
+    assert not list(tmp_path.glob(".art.partial-*/manifest.json"))
+    export(test_checkpoints["test-vl2"], out, experts="int8", block_size=32, progress=False)
+    assert not list(tmp_path.glob(".art.partial-*"))  # the next export cleans up the stale partial
+    first = open_artifact(out).manifest["quantization"]["experts"]["kind"]
+    export(test_checkpoints["test-vl2"], out, experts="int4", block_size=32, progress=False, force=True)
+    assert (first, open_artifact(out).manifest["quantization"]["experts"]["kind"]) == ("int8", "int4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
