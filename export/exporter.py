@@ -125,6 +125,7 @@ def export(src, out, experts: str = "int4", block_size: int = 64, target: str = 
 
         def save(g, name):
             g.save(tmp / f"{name}.onnx")
+            ckpt.close()  # unmap what this graph read
             bar.update()
             return graph_entry(g, f"{name}.onnx")
 

@@ -156,6 +156,11 @@ class Checkpoint:
         t = self._handles[shard].get_tensor(name)
         return t if dtype is None else t.to(dtype)
 
+    def close(self) -> None:
+        """Drop the open shard handles, unmapping the pages read so far (streaming readers call this between
+        layers so the resident set does not grow with the checkpoint)."""
+        self._handles.clear()
+
     def tensors(self, prefix: str = "", dtype=None) -> Iterator[tuple[str, object]]:
         for name in self.weight_map:
             if name.startswith(prefix):

@@ -122,13 +122,33 @@ def _rtn(wb: np.ndarray, lo, hi, bits: int, symmetric: bool, scale_dtype):
     return scale, zp, codes, err
 
 
+CHUNK_ELEMENTS = 1 << 23  # rows are quantized independently; chunking bounds the float temporaries (~10x input)
+
+
 def quantize_blockwise(w, bits: int = 4, block_size: int = 32, symmetric: bool = True, method: str = "rtn",
                        scale_dtype=np.float32) -> QuantizedTensor:
     """Quantize w [..., N, K] block-wise along K. See the module docstring for the conventions.
 
     scale_dtype: the dtype the scales will be stored in (np.float16 for fp16 graphs); scales are rounded to it and
     returned as float32 holding exactly representable values, so a later cast is lossless.
+    Large tensors are processed CHUNK_ELEMENTS at a time (whole rows), with identical results.
     """
+    w = np.asarray(w)
+    k = w.shape[-1] if w.ndim else 0
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // max(k, 1))
+    if w.ndim < 2 or w.size <= CHUNK_ELEMENTS:
+        return _quantize(w, bits, block_size, symmetric, method, scale_dtype)
+    flat = w.reshape(-1, k)
+    parts = [_quantize(flat[i:i + rows_per_chunk], bits, block_size, symmetric, method, scale_dtype)
+             for i in range(0, flat.shape[0], rows_per_chunk)]
+    lead = w.shape[:-1]
+    q = np.concatenate([p.q for p in parts]).reshape(*lead, k)
+    scales = np.concatenate([p.scales for p in parts]).reshape(*lead, -1)
+    zp = None if symmetric else np.concatenate([p.zero_points for p in parts]).reshape(*lead, -1)
+    return QuantizedTensor(q=q, scales=scales, zero_points=zp, bits=bits, block_size=block_size, symmetric=symmetric)
+
+
+def _quantize(w, bits: int, block_size: int, symmetric: bool, method: str, scale_dtype) -> QuantizedTensor:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     if block_size < 0:
@@ -159,7 +179,19 @@ def quantize_blockwise(w, bits: int = 4, block_size: int = 32, symmetric: bool =
 
 
 def dequantize(qt: QuantizedTensor) -> np.ndarray:
-    """(q - zp) * scale, float32 [..., N, K]."""
+    """(q - zp) * scale, float32 [..., N, K]; large tensors row-chunked like quantize_blockwise."""
+    if qt.q.ndim >= 2 and qt.q.size > CHUNK_ELEMENTS:
+        k = qt.k
+        rows = max(1, CHUNK_ELEMENTS // k)
+        q2, s2 = qt.q.reshape(-1, k), qt.scales.reshape(-1, qt.scales.shape[-1])
+        z2 = None if qt.zero_points is None else qt.zero_points.reshape(-1, qt.zero_points.shape[-1])
+        out = np.empty(q2.shape, np.float32)
+        for i in range(0, q2.shape[0], rows):
+            part = QuantizedTensor(q=q2[i:i + rows], scales=s2[i:i + rows],
+                                   zero_points=None if z2 is None else z2[i:i + rows], bits=qt.bits,
+                                   block_size=qt.block_size, symmetric=qt.symmetric)
+            out[i:i + rows] = dequantize(part)
+        return out.reshape(qt.q.shape)
     qb = _blocked(qt.q.astype(np.float32), qt.block)
     zp = qt.zero_points_or_default().astype(np.float32)
     w = (qb - zp[..., None]) * qt.scales[..., None]

@@ -21,24 +21,29 @@ import numpy as np
 METRICS = ("rel_err", "cosine", "max_abs_err")
 
 
-def tensor_error(original, dequantized) -> dict[str, float]:
-    """rel_err, cosine and max_abs_err of one tensor (same shape)."""
+def tensor_error(original, dequantized, chunk: int = 1 << 22) -> dict[str, float]:
+    """rel_err, cosine and max_abs_err of one tensor (same shape). Sums are accumulated in float64 over chunks of
+    `chunk` elements, so a 129,280 x 2560 embedding table costs a few MB of temporaries, not gigabytes."""
     if np.shape(original) != np.shape(dequantized):
         raise ValueError(f"shape mismatch: {np.shape(original)} vs {np.shape(dequantized)}")
-    # float64: sums of squares of fp16 (or large fp32) weights would overflow or lose digits in their own dtype
-    w = np.asarray(original, dtype=np.float64).ravel()
-    w_hat = np.asarray(dequantized, dtype=np.float64).ravel()
-    diff = w - w_hat
-    norm_w, norm_hat, norm_diff = (float(np.linalg.norm(v)) for v in (w, w_hat, diff))
+    w_all, h_all = np.asarray(original).reshape(-1), np.asarray(dequantized).reshape(-1)
+    ww = hh = dd = wh = 0.0
+    max_abs = 0.0
+    for i in range(0, w_all.size, chunk):
+        # float64: sums of squares of fp16 (or large fp32) weights would overflow or lose digits in their own dtype
+        w, w_hat = w_all[i:i + chunk].astype(np.float64), h_all[i:i + chunk].astype(np.float64)
+        diff = w - w_hat
+        ww, hh, dd, wh = ww + w @ w, hh + w_hat @ w_hat, dd + diff @ diff, wh + w @ w_hat
+        max_abs = max(max_abs, float(np.abs(diff).max()))
+    norm_w, norm_hat, norm_diff = math.sqrt(ww), math.sqrt(hh), math.sqrt(dd)
     if norm_w > 0:
         rel_err = norm_diff / norm_w
     else:
         rel_err = 0.0 if norm_diff == 0 else math.inf
     if norm_w > 0 and norm_hat > 0:
-        cosine = float(np.dot(w, w_hat)) / (norm_w * norm_hat)
+        cosine = wh / (norm_w * norm_hat)
     else:
         cosine = 1.0 if norm_w == norm_hat else 0.0  # both zero: identical; one zero: orthogonal by convention
-    max_abs = float(np.abs(diff).max()) if diff.size else 0.0
     return {"rel_err": rel_err, "cosine": cosine, "max_abs_err": max_abs}
 
 

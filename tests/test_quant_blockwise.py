@@ -204,3 +204,19 @@ def test_quant_imports_neither_torch_nor_onnx():
             "bad = [m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules]; "
             "sys.exit(f'imported {bad}' if bad else 0)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_chunked_quantization_equals_whole(monkeypatch, symmetric):
+    """Large tensors are quantized in row chunks (bounded memory); the result must be identical."""
+    import vl2edge.quant.blockwise as bw
+
+    w = np.random.default_rng(3).standard_normal((2, 37, 96)).astype(np.float32)
+    whole = bw.quantize_blockwise(w, bits=4, block_size=32, symmetric=symmetric)
+    monkeypatch.setattr(bw, "CHUNK_ELEMENTS", 500)  # forces ~5-row chunks
+    chunked = bw.quantize_blockwise(w, bits=4, block_size=32, symmetric=symmetric)
+    np.testing.assert_array_equal(chunked.q, whole.q)
+    np.testing.assert_array_equal(chunked.scales, whole.scales)
+    if not symmetric:
+        np.testing.assert_array_equal(chunked.zero_points, whole.zero_points)
+    np.testing.assert_array_equal(bw.dequantize(chunked), bw.dequantize(whole))
