@@ -9,3 +9,12 @@ Subpackages, in the direction data flows:
 """
 
 __version__ = "0.1.0"
+
+
+def load(path, provider=None, threads=None, max_tiles=None, verify="sha256"):
+    """Open an exported artifact: `vl2edge.load(path) -> vl2edge.runtime.api.Model` (see that module).
+
+    Imported lazily, so `import vl2edge` stays light and torch-free."""
+    from .runtime.api import load as _load
+
+    return _load(path, provider=provider, threads=threads, max_tiles=max_tiles, verify=verify)

@@ -24,52 +24,209 @@ def _export(args) -> int:
     return 0
 
 
-def _sampling(args):
-    from .model.generate import SamplingConfig
+# --- backends ------------------------------------------------------------------------------------------------
+def _resolve_backend(args) -> str:
+    """--backend onnx|torch, or by what the directory holds: a manifest.json = an exported artifact (onnx); a
+    checkpoint needs --backend torch (or an export first)."""
+    from pathlib import Path
 
-    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if args.backend:
+        return args.backend
+    path = Path(args.model).expanduser()
+    if path.is_dir() and not (path / "manifest.json").is_file() and (path / "config.json").is_file():
+        raise ValueError(f"{path} is a checkpoint, not an exported artifact: export it with "
+                         f"`vl2edge export {path} OUT` and run OUT, or pass --backend torch to run the PyTorch "
+                         f"reference on it")
+    return "onnx"
+
+
+def _options(args) -> dict:
+    from .runtime.sampling import SamplingParams
+
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    return {**sampling.as_dict(), "stop": args.stop or None}  # checked here (ValueError) for both backends
+
+
+class _OnnxBackend:
+    def __init__(self, args):
+        from .runtime.api import load
+
+        self.model = load(args.model, provider=args.provider, threads=args.threads, max_tiles=args.max_tiles,
+                          verify=args.verify)
+        self.chunk_size = args.chunk_size
+
+    def answer(self, messages, images, options: dict, on_text, interruptible: bool = False):
+        stream = self.model.chat(messages, images, stream=True, chunk_size=self.chunk_size, **options)
+        try:
+            for delta in stream:
+                on_text(delta)
+        except KeyboardInterrupt:
+            stream.close()
+            if not interruptible:
+                raise
+        return stream.result
+
+    def reset(self) -> None:
+        self.model.reset()
+
+
+class _TorchBackend:
+    def __init__(self, args):
+        from .reference_backend import ReferenceModel
+
+        self.model = ReferenceModel(args.model, dtype=args.dtype, max_tiles=args.max_tiles, threads=args.threads)
+
+    def answer(self, messages, images, options: dict, on_text, interruptible: bool = False):
+        from .model.generate import SamplingConfig
+
+        options = dict(options)
+        stop = options.pop("stop")
+        return self.model.generate(messages, images, sampling=SamplingConfig(**options), stop=stop, on_text=on_text,
+                                   interruptible=interruptible)
+
+    def reset(self) -> None:
+        self.model.reset()
+
+
+def _open_backend(args):
+    if args.provider is not None and _resolve_backend(args) == "torch":
+        raise ValueError("--provider applies to the onnx backend only")
+    return (_TorchBackend if _resolve_backend(args) == "torch" else _OnnxBackend)(args)
+
+
+def _summary(ans) -> str:
+    t = ans.timings
+    rate = f"{t['decode_tokens_per_s']:.1f} tok/s" if t.get("decode_tokens_per_s") else "n/a"
+    parts = [f"{len(ans.token_ids)} tokens, stop: {ans.stop_reason}"]
+    if "vision_s" in t:  # the runtime
+        parts.append(f"prompt {ans.prompt_tokens} tokens ({ans.cached_tokens} cached)")
+        parts.append(f"vision {t['vision_s']:.2f} s ({t['vision_tiles']} tiles), prefill {t['prefill_s']:.2f} s"
+                     + (f" ({t['prefill_tokens_per_s']:.0f} tok/s)" if t.get("prefill_tokens_per_s") else "")
+                     + (f", first token {t['ttft_s']:.2f} s" if t.get("ttft_s") is not None else "")
+                     + f", decode {rate}")
+    else:
+        parts.append(f"prompt {ans.prompt_tokens} tokens")
+        parts.append(f"vision+embed {t['vision_and_embed_s']:.2f} s, prefill {t['prefill_s']:.2f} s, decode {rate}")
+    parts.append(f"{len(ans.grounding.boxes)} boxes")
+    return "[" + "; ".join(parts) + "]"
 
 
 def _print_answer(args, ans, image) -> None:
     import json
 
     if not args.json:
-        print()
+        print(flush=True)
     if args.draw_boxes and image is not None:
         from .runtime.grounding import draw_boxes
 
         draw_boxes(image, ans.grounding, args.draw_boxes)
-    summary = {
-        "text": ans.text, "token_ids": ans.token_ids, "stop_reason": ans.stop_reason,
-        "prompt_tokens": ans.prompt_tokens, "image_sizes": [list(s) for s in ans.image_sizes],
-        "grounding": ans.grounding.as_dict(), "timings": ans.timings,
-    }
     if args.json:
-        print(json.dumps(summary, ensure_ascii=False))
+        print(json.dumps(ans.as_dict(), ensure_ascii=False), flush=True)
     else:
-        t = ans.timings
-        rate = f"{t['decode_tokens_per_s']:.1f} tok/s" if t["decode_tokens_per_s"] else "n/a"
-        print(f"[{len(ans.token_ids)} tokens, stop: {ans.stop_reason}; prompt {ans.prompt_tokens} tokens; "
-              f"vision+embed {t['vision_and_embed_s']:.2f} s, prefill {t['prefill_s']:.2f} s, decode {rate}; "
-              f"{len(ans.grounding.boxes)} boxes]", file=sys.stderr)
+        print(_summary(ans), file=sys.stderr, flush=True)
+
+
+def _stdout(delta: str) -> None:
+    sys.stdout.write(delta)
+    sys.stdout.flush()
 
 
 def _run(args) -> int:
-    from . import reference_backend
-    from .runtime.images import load_image
+    from .runtime.images import load_image, open_image
 
-    if args.backend != "torch":
-        raise ValueError("only --backend torch (the PyTorch reference on a checkpoint directory) exists so far")
-    images = [load_image(p) for p in args.image]
-    prompt = args.prompt
-    if images and "<image>" not in prompt:
-        prompt = "<image>\n" * len(images) + prompt  # the official convention: images first
-    ans = reference_backend.answer(
-        args.model, prompt, images, dtype=args.dtype, max_tiles=args.max_tiles, sampling=_sampling(args),
-        on_text=None if args.json else (lambda d: print(d, end="", flush=True)), threads=args.threads)
-    _print_answer(args, ans, images[-1] if images else None)
+    images = list(args.image)
+    if args.draw_boxes and not images:
+        raise ValueError("--draw-boxes needs an --image")
+    for path in images:  # headers only: a missing or unreadable image fails before any model is loaded
+        open_image(path).close()
+    backend = _open_backend(args)
+    last = load_image(images[-1]) if args.draw_boxes else None
+    ans = backend.answer(_with_tags(args.prompt, len(images)), images or None, _options(args),
+                         (lambda d: None) if args.json else _stdout)
+    _print_answer(args, ans, last)
     return 0
+
+
+def _with_tags(prompt: str, n: int) -> str:
+    from .runtime.chat_template import IMAGE_TAG
+
+    if n and IMAGE_TAG not in prompt:  # the official convention: images first
+        return (IMAGE_TAG + "\n") * n + prompt
+    return prompt
+
+
+CHAT_HELP = """commands: /image PATH  attach an image to the next message (repeatable)
+          /reset       start a new conversation
+          /quit        end (as does end of input)
+anything else is your next message"""
+
+
+def _chat(args) -> int:
+    from .runtime.images import ImageError, open_image
+
+    backend = _open_backend(args)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"vl2edge chat ({args.model}); /image PATH, /reset, /quit", file=sys.stderr)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    start = list(history)
+    pending: list[str] = []
+    failed = False
+    while True:
+        if interactive:
+            print(">>> ", end="", file=sys.stderr, flush=True)
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            break
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd, _, arg = text.partition(" ")
+            arg = arg.strip()
+            if cmd in ("/quit", "/exit"):
+                break
+            if cmd == "/reset":
+                history, pending = list(start), []
+                backend.reset()
+                print("[new conversation]", file=sys.stderr, flush=True)
+            elif cmd == "/image":
+                if not arg:
+                    print("vl2edge chat: error: /image needs a path", file=sys.stderr, flush=True)
+                    failed = True
+                    continue
+                try:
+                    open_image(arg).close()  # header only: a bad file is reported now, not at the next message
+                except ImageError as e:
+                    print(f"vl2edge chat: error: {e}", file=sys.stderr, flush=True)
+                    failed = True
+                    continue
+                pending.append(arg)
+                print(f"[image attached: {arg}]", file=sys.stderr, flush=True)
+            elif cmd == "/help":
+                print(CHAT_HELP, file=sys.stderr, flush=True)
+            else:
+                print(f"vl2edge chat: error: unknown command {cmd!r} (/image PATH, /reset, /quit, /help)",
+                      file=sys.stderr, flush=True)
+                failed = True
+            continue
+        message = {"role": "user", "content": _with_tags(text, len(pending)), "images": list(pending)}
+        pending = []
+        try:
+            ans = backend.answer(history + [message], None, _options(args), _stdout, interruptible=interactive)
+        except (ValueError, OSError) as e:  # this turn failed; the conversation goes on without it
+            print(f"\nvl2edge chat: error: {e}", file=sys.stderr, flush=True)
+            failed = True
+            continue
+        print(flush=True)
+        print(_summary(ans), file=sys.stderr, flush=True)
+        history += [message, {"role": "assistant", "content": ans.text}]
+    return 2 if failed else 0
 
 
 def _demo(args) -> int:
@@ -77,33 +234,70 @@ def _demo(args) -> int:
     from pathlib import Path
 
     from . import reference_backend
-    from .model.synth import synthesize
     from .runtime.grounding import referring_prompt
 
     cache = Path(os.environ.get("VL2EDGE_CACHE", Path.home() / ".cache" / "vl2edge"))
     ckpt = cache / "checkpoints" / f"{args.preset}-seed0"
+    art = cache / "artifacts" / f"{args.preset}-seed0-int4-b32"
+    fresh = False
     if not (ckpt / "config.json").is_file():
+        from .model.synth import synthesize
+
         print(f"synthesizing {args.preset} into {ckpt} (random weights: the answer will be noise)", file=sys.stderr)
         synthesize(ckpt, args.preset, seed=0, force=True, progress=False)
+        fresh = True
+    if args.backend == "onnx" and (fresh or not (art / "manifest.json").is_file()):
+        try:
+            from .export.exporter import export
+        except ImportError as e:
+            raise ValueError(f"building the demo artifact needs the [export] extra (torch, onnx): {e}") from None
+        print(f"exporting it (int4 experts, block 32) into {art}", file=sys.stderr)
+        export(ckpt, art, experts="int4", block_size=32, force=True, progress=False)
     image = reference_backend.demo_image()
     prompt = referring_prompt("the red mug")
-    print(f"prompt: {prompt!r} + a 640x480 synthetic scene", file=sys.stderr)
-    ans = reference_backend.answer(ckpt, prompt, [image], sampling=_sampling(args),
-                                   on_text=None if args.json else (lambda d: print(d, end="", flush=True)))
+    print(f"prompt: {prompt!r} + a 640x480 synthetic scene ({args.backend} backend)", file=sys.stderr)
+    args.model = str(art if args.backend == "onnx" else ckpt)
+    backend = _open_backend(args)
+    ans = backend.answer(prompt, [image], _options(args), (lambda d: None) if args.json else _stdout)
     _print_answer(args, ans, image)
     return 0
 
 
-def _add_generation_options(p: argparse.ArgumentParser) -> None:
+def _add_generation_options(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
     g = p.add_argument_group("generation (defaults: greedy, as the official README)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; official inference.py uses 0.4")
     g.add_argument("--top-p", type=float, default=1.0, help="official inference.py: 0.9")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="official inference.py: 1.1")
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the answer at this text, not included (repeatable)")
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
     p.add_argument("--draw-boxes", metavar="OUT.png", help="draw parsed grounding boxes on the (last) image")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="ARTIFACT", help="exported artifact directory (`vl2edge export`); with "
+                                                     "--backend torch a checkpoint directory")
+    p.add_argument("--backend", default=None, choices=["onnx", "torch"],
+                   help="onnx: the runtime on an artifact (default when the directory has a manifest.json); "
+                        "torch: the PyTorch reference on a checkpoint")
+    p.add_argument("--max-tiles", type=int, default=None, help="at most N local tiles per image (latency budget)")
+    _add_runtime_options(p)
+
+
+def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--provider", default=None, metavar="cpu|cuda",
+                   help="execution provider (default: CUDA if available, else CPU)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads")
+    p.add_argument("--verify", default="sha256", choices=["sha256", "size"],
+                   help="check the artifact's files by sha256 (default) or size only (fast start)")
+    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="--backend torch only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,32 +328,55 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_export)
 
-    r = sub.add_parser("run", help="answer one prompt about images")
-    r.add_argument("model", help="checkpoint directory or hub repo id (with --backend torch)")
-    r.add_argument("--backend", default="torch", choices=["torch"], help="torch: the PyTorch reference")
+    r = sub.add_parser("run", help="answer one prompt about images, streaming the answer")
+    _add_model_options(r)
     r.add_argument("--image", action="append", default=[], help="image file (repeatable)")
-    r.add_argument("--prompt", required=True)
-    r.add_argument("--max-tiles", type=int, default=None, help="at most N local tiles per image (latency budget)")
-    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    r.add_argument("--threads", type=int, default=None)
+    r.add_argument("--prompt", required=True, help="the question; without <image> tags the images come first")
     _add_generation_options(r)
+    _add_output_options(r)
     r.set_defaults(func=_run)
 
-    d = sub.add_parser("demo", help="synthesize a small model (once, cached) and ground 'the red mug' in a "
-                                    "synthetic scene through the whole pipeline")
+    c = sub.add_parser("chat", help="interactive multi-turn session on stdin (/image PATH, /reset, /quit)")
+    _add_model_options(c)
+    c.add_argument("--system", default=None, help="a system prompt (raw text before the first turn)")
+    _add_generation_options(c)
+    c.set_defaults(func=_chat)
+
+    d = sub.add_parser("demo", help="synthesize a small model and export it (once, cached), then ground 'the red "
+                                    "mug' in a synthetic scene through the whole runtime")
     d.add_argument("--preset", default="test-tiny", choices=sorted(PRESETS))
-    _add_generation_options(d)
+    d.add_argument("--backend", default="onnx", choices=["onnx", "torch"],
+                   help="onnx: export (int4, block 32) and run the runtime; torch: the PyTorch reference")
+    d.add_argument("--max-tiles", type=int, default=None)
+    _add_runtime_options(d)
+    _add_generation_options(d, max_new_tokens=48)
+    _add_output_options(d)
     d.set_defaults(func=_demo)
     return p
 
 
+def _one_line_warnings() -> None:
+    import warnings
+
+    warnings.formatwarning = lambda message, category, *a, **k: f"vl2edge: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _one_line_warnings()
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:  # our errors say what is wrong: no traceback
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (ValueError, OSError) as e:  # our errors say what is wrong (bad artifact/image/prompt/option): no traceback
         print(f"vl2edge {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nvl2edge {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The PyTorch reference behind the runtime's front door: processor -> model/ -> streamed text -> grounding.
 
-`vl2edge run --backend torch` and `vl2edge demo` use this to run a Hugging Face checkpoint directory end to end. It
-is the comparison path (only it needs torch); the lean runtime never imports this module.
+`vl2edge run/chat --backend torch` and `vl2edge demo --backend torch` use this to run a Hugging Face checkpoint
+directory end to end. It is the comparison path (only it needs torch; torch is imported when a model is loaded);
+the lean runtime never imports this module.
 """
 
 from __future__ import annotations
@@ -26,61 +27,110 @@ class ReferenceAnswer:
     image_sizes: tuple
     grounding: GroundingResult
     timings: dict = field(default_factory=dict)  # seconds
+    cached_tokens: int = 0  # the reference re-runs the whole conversation every turn
+    expert_counts: dict | None = None  # not recorded by the reference
+
+    @property
+    def boxes(self):
+        return self.grounding.boxes
+
+    def as_dict(self) -> dict:
+        return {
+            "text": self.text, "token_ids": list(self.token_ids), "stop_reason": self.stop_reason,
+            "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
+            "image_sizes": [list(s) for s in self.image_sizes],
+            "boxes": [{"label": b.label, "xyxy": None if b.xyxy is None else [round(v, 2) for v in b.xyxy],
+                       "coords": list(b.coords)} for b in self.grounding.boxes],
+            "grounding": self.grounding.as_dict(), "timings": self.timings, "expert_counts": self.expert_counts,
+        }
 
 
-def _new_text(processor: Processor, tokens: list[int], emitted: str) -> str:
-    """The text the tokens add beyond what was already emitted; held back while it ends in a partial UTF-8
-    character (byte-level BPE can split one across tokens)."""
-    text = processor.decode(tokens)
-    if text.endswith("\ufffd") or not text.startswith(emitted):
-        return ""
-    return text[len(emitted):]
+class ReferenceModel:
+    """A checkpoint loaded once into the PyTorch reference; `generate` answers a prompt or conversation with the
+    same processor, streaming, stop strings and grounding as the runtime (no cache reuse between calls)."""
+
+    def __init__(self, checkpoint: str | Path, *, dtype: str = "float32", max_tiles: int | None = None,
+                 threads: int | None = None):
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype {dtype!r}: choose float32 or bfloat16")
+        from .model.checkpoint import Checkpoint
+
+        t0 = time.perf_counter()
+        ckpt = Checkpoint.open(checkpoint)  # a directory or a hub repo id; a bad one fails before torch loads
+        self.processor = Processor.from_dir(ckpt.dir, max_tiles=max_tiles)
+
+        import torch
+
+        from .model.vl2 import DeepseekVL2
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = DeepseekVL2.from_checkpoint(ckpt, dtype={"float32": torch.float32,
+                                                              "bfloat16": torch.bfloat16}[dtype])
+        self.load_s = time.perf_counter() - t0
+
+    def reset(self) -> None:
+        """Nothing is cached between calls."""
+
+    def generate(self, messages, images=None, *, sampling=None, stop=None,
+                 on_text: Callable[[str], None] | None = None, interruptible: bool = False) -> ReferenceAnswer:
+        """sampling: model.generate.SamplingConfig (default greedy, 512 tokens); stop: strings that end the answer
+        (not included). interruptible: KeyboardInterrupt ends the answer ("cancelled") instead of propagating."""
+        from .model.generate import SamplingConfig, generate
+        from .runtime.detokenizer import IncrementalDetokenizer
+        from .runtime.generation import StopGate
+
+        processor = self.processor
+        t0 = time.perf_counter()
+        inputs = processor(messages, images=images)
+        t1 = time.perf_counter()
+        stops = [stop] if isinstance(stop, str) else list(stop or ())
+        gate = StopGate(IncrementalDetokenizer.for_processor(processor), stops)
+        emitted: list[str] = []
+
+        def emit(delta: str) -> None:
+            if delta:
+                emitted.append(delta)
+                if on_text:
+                    on_text(delta)
+
+        def stream(tok: int):
+            if tok == processor.eos_id:
+                return None
+            emit(gate.push(tok))
+            return False if gate.stopped else None
+
+        try:
+            result = generate(self.model, inputs.input_ids, inputs.pixel_values, inputs.images_seq_mask,
+                              inputs.images_spatial_crop, sampling or SamplingConfig(), eos_token_id=processor.eos_id,
+                              on_token=stream)
+            tokens, reason, timings = result.tokens, result.stop_reason, result.timings
+        except KeyboardInterrupt:
+            if not interruptible:
+                raise
+            tokens, reason, timings = [], "cancelled", {"embed": 0.0, "prefill": 0.0, "decode": []}
+        if reason != "cancelled" or gate.stopped:
+            emit(gate.finish())
+        if gate.stopped:
+            reason = "stop"
+        text = "".join(emitted)
+        image_size = inputs.image_sizes[-1] if inputs.image_sizes else None  # boxes refer to the last image
+        decode = timings["decode"]
+        return ReferenceAnswer(
+            text=text, token_ids=tokens, stop_reason=reason, prompt_tokens=inputs.seq_len,
+            image_sizes=inputs.image_sizes, grounding=parse_grounding(text, image_size),
+            timings={"preprocess_s": t1 - t0, "load_s": self.load_s, "vision_and_embed_s": timings["embed"],
+                     "prefill_s": timings["prefill"],
+                     "decode_tokens_per_s": len(decode) / sum(decode) if decode and sum(decode) > 0 else None},
+        )
 
 
 def answer(checkpoint: str | Path, messages, images=None, *, dtype: str = "float32", max_tiles: int | None = None,
-           sampling=None, on_text: Callable[[str], None] | None = None, threads: int | None = None) -> ReferenceAnswer:
-    import torch
-
-    from .model.generate import SamplingConfig, generate
-    from .model.vl2 import DeepseekVL2
-
-    if threads:
-        torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    processor = Processor.from_dir(checkpoint, max_tiles=max_tiles)
-    inputs = processor(messages, images=images)
-    t1 = time.perf_counter()
-    model = DeepseekVL2.from_checkpoint(checkpoint, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
-    t2 = time.perf_counter()
-
-    tokens: list[int] = []
-    emitted = [""]
-
-    def stream(tok: int):
-        if tok == processor.eos_id:
-            return
-        tokens.append(tok)
-        delta = _new_text(processor, tokens, emitted[0])
-        if delta:
-            emitted[0] += delta
-            if on_text:
-                on_text(delta)
-
-    result = generate(model, inputs.input_ids, inputs.pixel_values, inputs.images_seq_mask,
-                      inputs.images_spatial_crop, sampling or SamplingConfig(), eos_token_id=processor.eos_id,
-                      on_token=stream)
-    text = processor.decode(tokens)
-    if on_text and text[len(emitted[0]):]:
-        on_text(text[len(emitted[0]):])
-    image_size = inputs.image_sizes[-1] if inputs.image_sizes else None  # boxes refer to the last image
-    decode = result.timings["decode"]
-    return ReferenceAnswer(
-        text=text, token_ids=result.tokens, stop_reason=result.stop_reason, prompt_tokens=inputs.seq_len,
-        image_sizes=inputs.image_sizes, grounding=parse_grounding(text, image_size),
-        timings={"preprocess_s": t1 - t0, "load_s": t2 - t1, "vision_and_embed_s": result.timings["embed"],
-                 "prefill_s": result.timings["prefill"],
-                 "decode_tokens_per_s": len(decode) / sum(decode) if decode else None},
-    )
+           sampling=None, on_text: Callable[[str], None] | None = None, threads: int | None = None,
+           stop=None) -> ReferenceAnswer:
+    """One-shot: load the checkpoint into the reference and answer."""
+    return ReferenceModel(checkpoint, dtype=dtype, max_tiles=max_tiles, threads=threads).generate(
+        messages, images, sampling=sampling, stop=stop, on_text=on_text)
 
 
 def demo_image(width: int = 640, height: int = 480) -> Image.Image:

@@ -7,6 +7,14 @@ Input side, in the order data flows:
   processor        - Processor: messages + images -> PreparedInputs (ids, pixels, masks)
   grounding        - parse <|ref|>/<|det|> boxes (incrementally), draw them, build grounding prompts
 
+Model side:
+  artifact, engine - open and verify an exported artifact; ORT sessions, KV cache, one forward step at a time
+  dispatch         - top-k expert selection and weights per routing variant; expert counts
+  sampling         - greedy / temperature / top-k / top-p / repetition penalty, seeded (numpy)
+  detokenizer      - incremental detokenization that never emits a broken character
+  generation       - Runner/Stream: chunked prefill, decode, stop strings, cancellation, KV-cache reuse, Result
+  api              - load(path) -> Model: generate / chat / ground (also `vl2edge.load`)
+
 Nothing here may import torch, directly or indirectly (tests/test_runtime_without_torch.py checks it).
 Submodules are imported on demand; `from vl2edge.runtime.processor import Processor`.
 """

@@ -76,7 +76,7 @@ class _Layer:
 
 class Engine:
     def __init__(self, artifact: str | Artifact, provider: str | None = None, threads: int | None = None,
-                 verify: str = "sha256"):
+                 verify: str = "sha256", spin: bool = False):
         self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(artifact, verify=verify)
         m = self.artifact.manifest
         self.config = VL2Config.from_dict(m["source"]["config"], str(self.artifact.dir / "manifest.json"))
@@ -87,6 +87,10 @@ class Engine:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+        # ORT's worker threads busy-wait between ops by default. On a small shared machine that steals the cores
+        # from everything else (measured: 152 vs 1590 tok/s on test-tiny with a second busy process); spin=True
+        # gives it back for dedicated cores.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self._opts = opts
         g = m["graphs"]
         self.vision = self._session(g["vision"]["file"])
@@ -136,6 +140,13 @@ class Engine:
     def reset(self) -> None:
         """Forget the conversation (the buffers are kept and overwritten)."""
         self.length = 0
+
+    def truncate(self, length: int) -> None:
+        """Keep only the first `length` cached tokens (attention reads only positions below `length`, so rewinding
+        is just this; later steps overwrite the rest)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.length = length
 
     # --- inputs -----------------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: np.ndarray, batch: int = 4) -> np.ndarray:

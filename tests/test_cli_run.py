@@ -1,4 +1,5 @@
-"""`vl2edge run --backend torch` and `vl2edge demo`: the whole pipeline from the command line."""
+"""`vl2edge run --backend torch` (the PyTorch reference on a checkpoint) and `vl2edge demo` (synthesize, export,
+run the runtime): the whole pipeline from the command line. The runtime's run/chat: test_cli_runtime.py."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ def run(args, **kw):
 def test_run_streams_the_same_text_it_reports_in_json(test_checkpoints, tmp_path):
     img = tmp_path / "scene.png"
     Image.new("RGB", (640, 480), (120, 30, 30)).save(img)
-    common = [str(test_checkpoints["test-small"]), "--image", str(img), "--prompt", "<image>\nDescribe.",
-              "--max-new-tokens", "6"]
+    common = [str(test_checkpoints["test-small"]), "--backend", "torch", "--image", str(img), "--prompt",
+              "<image>\nDescribe.", "--max-new-tokens", "6", "--threads", "1"]
     js = run(["run"] + common + ["--json", "--draw-boxes", str(tmp_path / "boxes.png")])
     assert js.returncode == 0, js.stderr
     out = json.loads(js.stdout)
@@ -36,22 +37,27 @@ def test_run_streams_the_same_text_it_reports_in_json(test_checkpoints, tmp_path
 def test_run_reports_bad_inputs_with_exit_code_2(test_checkpoints, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    r = run(["run", str(test_checkpoints["test-tiny"]), "--image", str(bad), "--prompt", "hi"])
+    r = run(["run", str(test_checkpoints["test-tiny"]), "--backend", "torch", "--image", str(bad), "--prompt", "hi"])
     assert r.returncode == 2 and "broken.png" in r.stderr and "Traceback" not in r.stderr
-    r = run(["run", str(tmp_path / "missing-model"), "--prompt", "hi"])
+    r = run(["run", str(tmp_path / "missing-model"), "--backend", "torch", "--prompt", "hi"])
     assert r.returncode == 2 and "missing-model" in r.stderr
-    r = run(["run", str(test_checkpoints["test-tiny"]), "--prompt", "word " * 5000])
+    r = run(["run", str(test_checkpoints["test-tiny"]), "--backend", "torch", "--prompt", "word " * 5000])
     assert r.returncode == 2 and "4096" in r.stderr
 
 
-def test_demo_synthesizes_once_and_answers(tmp_path):
+def test_demo_synthesizes_and_exports_once_and_answers(tmp_path):
     env = {**os.environ, "VL2EDGE_CACHE": str(tmp_path)}
-    r = subprocess.run(CLI + ["demo", "--max-new-tokens", "4", "--json"], capture_output=True, text=True,
+    demo = CLI + ["demo", "--max-new-tokens", "4", "--json", "--threads", "1"]
+    r = subprocess.run(demo + ["--draw-boxes", str(tmp_path / "boxes.png")], capture_output=True, text=True,
                        timeout=300, env=env)
     assert r.returncode == 0, r.stderr
-    assert "synthesizing test-tiny" in r.stderr
-    assert json.loads(r.stdout)["image_sizes"] == [[640, 480]]
-    again = subprocess.run(CLI + ["demo", "--max-new-tokens", "4", "--json"], capture_output=True, text=True,
-                           timeout=300, env=env)
-    assert again.returncode == 0 and "synthesizing" not in again.stderr
-    assert json.loads(again.stdout)["token_ids"] == json.loads(r.stdout)["token_ids"]  # greedy, same weights
+    assert "synthesizing test-tiny" in r.stderr and "exporting" in r.stderr
+    out = json.loads(r.stdout)
+    assert out["image_sizes"] == [[640, 480]] and out["prompt_tokens"] > 1023 and (tmp_path / "boxes.png").is_file()
+    assert (tmp_path / "artifacts" / "test-tiny-seed0-int4-b32" / "manifest.json").is_file()
+    again = subprocess.run(demo, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "synthesizing" not in again.stderr and "exporting" not in again.stderr
+    assert json.loads(again.stdout)["token_ids"] == out["token_ids"]  # greedy, same artifact
+    ref = subprocess.run(demo + ["--backend", "torch"], capture_output=True, text=True, timeout=300, env=env)
+    assert ref.returncode == 0, ref.stderr
+    assert json.loads(ref.stdout)["prompt_tokens"] == out["prompt_tokens"]

@@ -72,3 +72,40 @@ def test_the_blocker_works(tmp_path):
     script = SCRIPT.split("import vl2edge.runtime")[0] + "import torch\n"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "torch is blocked" in proc.stderr
+
+
+# Runs in a subprocess too: the public API end to end (load an exported fp32 artifact, generate with an image,
+# stream a chat turn on the cached conversation, ground), with torch, transformers and onnx unimportable.
+API_SCRIPT = SCRIPT.split("import vl2edge.runtime")[0].replace(
+    'BLOCKED = ("torch", "torchvision", "transformers")', 'BLOCKED = ("torch", "torchvision", "transformers", "onnx")'
+) + textwrap.dedent("""
+    import vl2edge
+
+    artifact, image_path = sys.argv[1], sys.argv[2]
+    m = vl2edge.load(artifact, threads=1)
+    r = m.generate("<image>\\nWhat is this?", images=[image_path], max_new_tokens=4)
+    assert len(r.token_ids) == 4 and r.stop_reason == "max_new_tokens", r
+    turn = [{"role": "user", "content": "<image>\\nWhat is this?", "images": [image_path]},
+            {"role": "assistant", "content": r.text}, {"role": "user", "content": "Sure?"}]
+    stream = m.chat(turn, max_new_tokens=3)
+    text = "".join(stream)
+    assert stream.result.text == text and stream.result.cached_tokens > 0
+    assert isinstance(m.ground(image_path, "the mug", max_new_tokens=3), list)
+
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    assert not attempts and not loaded, (attempts, loaded)
+    print("OK", r.token_ids)
+""")
+
+
+def test_the_api_generates_without_torch(test_checkpoints, tmp_path):
+    from vl2edge.export.exporter import export
+
+    artifact = export(test_checkpoints["test-tiny"], tmp_path / "tiny-fp32", experts="fp32", block_size=32,
+                      progress=False)
+    image_path = tmp_path / "photo.png"
+    Image.new("RGB", (300, 200), (200, 120, 40)).save(image_path)
+    proc = subprocess.run([sys.executable, "-c", API_SCRIPT, str(artifact), str(image_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("OK")

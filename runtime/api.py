@@ -1,0 +1,188 @@
+"""The Python API: `vl2edge.load(artifact) -> Model`.
+
+    import vl2edge
+
+    m = vl2edge.load("tiny-int4")                                  # provider: best available (CUDA, then CPU)
+    r = m.generate("<image>\\nWhat is on the table?", images=["kitchen.jpg"], max_new_tokens=128)
+    print(r.text, r.timings["decode_tokens_per_s"])
+
+    history = [{"role": "user", "content": "<image>\\nDescribe it.", "images": ["kitchen.jpg"]}]
+    for delta in m.chat(history):                                   # streams; the KV cache is reused next turn
+        print(delta, end="", flush=True)
+    history += [{"role": "assistant", "content": m.last_result.text},
+                {"role": "user", "content": "Where is the mug?"}]
+    answer = m.chat(history, stream=False)                          # only the new turn is prefilled
+
+    boxes = m.ground("kitchen.jpg", "the red mug")                  # [Box(label, coords, xyxy in pixels)]
+
+Messages are {"role": "system"|"user"|"assistant", "content": str} dicts (user messages may carry their own
+"images" list) or a plain prompt string; images are paths, bytes, file objects or PIL images (see
+runtime.processor). Images without "<image>" tags in the text are placed first, one tag per image, as the official
+examples do. Every request reuses whatever prefix of its prompt is already in the KV cache (runtime.generation),
+so `chat` with a growing history and repeated questions about the same image prefill only what is new; the
+results are the same as with `reuse_cache=False` (up to floating-point rounding of a different chunking).
+
+A Model runs one request at a time (not thread-safe); starting a request closes a stream still open.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .chat_template import IMAGE_TAG, as_image_list, normalize_messages
+from .engine import Engine
+from .generation import Result, Runner, Stream
+from .grounding import referring_prompt
+from .processor import Processor, PromptTooLongError
+from .sampling import SamplingParams
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def load(path: str | Path, provider: str | None = None, threads: int | None = None, max_tiles: int | None = None,
+         verify: str = "sha256") -> "Model":
+    """Open an exported artifact directory.
+
+    provider: None = best available (CUDA, then CPU), "cpu" or "cuda" (absent -> warning and CPU); threads: ORT
+    intra-op threads (None = ORT's default); max_tiles: at most N local tiles per image (latency budget; None =
+    the model's own tiling); verify: "sha256" (check every file's hash) or "size" (fast start on a trusted disk).
+    Raises ArtifactError (a ValueError) for a missing, corrupt or mismatched artifact, ValueError for a bad option.
+    """
+    if verify not in ("sha256", "size"):
+        raise ValueError(f"verify={verify!r}: choose 'sha256' or 'size'")
+    from .artifact import ArtifactError, open_artifact
+
+    art = open_artifact(path, verify=verify)
+    try:
+        engine = Engine(art, provider=provider, threads=threads)
+    except ValueError:
+        raise
+    except Exception as e:  # onnxruntime's own errors for a graph it cannot load
+        if type(e).__module__.startswith("onnxruntime"):
+            raise ArtifactError(f"{art.dir}: onnxruntime cannot load the artifact ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        raise
+    # the cache bounds the context: a prompt must fit it, not just the model's max_position_embeddings
+    proc = Processor.from_dir(art.dir, max_tiles=max_tiles)
+    if proc.max_length is None or proc.max_length > engine.max_len:
+        proc.max_length = engine.max_len
+    return Model(engine, proc)
+
+
+def with_image_tags(content: str, n_images: int) -> str:
+    """Put one "<image>\\n" per image first when the text has no tags (the official examples' layout)."""
+    if n_images and IMAGE_TAG not in content:
+        return IMAGE_TAG + "\n" + (IMAGE_TAG + "\n") * (n_images - 1) + content
+    return content
+
+
+class Model:
+    def __init__(self, engine: Engine, processor: Processor):
+        self.engine = engine
+        self.processor = processor
+        self.runner = Runner(engine, processor)
+        self.last_result: Result | None = None
+
+    # --- facts --------------------------------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.engine.config
+
+    @property
+    def provider(self) -> str:
+        return self.engine.provider
+
+    @property
+    def max_len(self) -> int:
+        """Context (KV-cache) length in tokens."""
+        return self.engine.max_len
+
+    @property
+    def expert_counts(self):
+        """ExpertCounts since load (or reset): tokens per routed expert per MoE layer (`.as_dict()`)."""
+        return self.engine.expert_counts
+
+    def reset(self) -> None:
+        """Forget the cached conversation (and close a running stream)."""
+        self.runner.reset()
+
+    # --- requests -----------------------------------------------------------------------------------------------
+    def prepare(self, messages: str | Iterable[Mapping[str, Any]], images: Any = None):
+        """PreparedInputs for a prompt string or a message list (tags added for untagged images)."""
+        try:
+            return self._prepare(messages, images)
+        except PromptTooLongError as e:
+            if self.engine.max_len < self.config.language.max_position_embeddings:
+                raise PromptTooLongError(str(e).replace(
+                    "the model's context (max_position_embeddings)",
+                    "this artifact's context (its KV cache, `vl2edge export --max-len`)")) from None
+            raise
+
+    def _prepare(self, messages, images):
+        if isinstance(messages, str):
+            n = 0 if images is None else len(as_image_list(images))
+            return self.processor(with_image_tags(messages, n), images=images)
+        msgs = [dict(m) if isinstance(m, Mapping) else m for m in messages]
+        if images is None:
+            for m in msgs:
+                if isinstance(m, dict) and m.get("role") == "user" and m.get("images") is not None:
+                    m["content"] = with_image_tags(m["content"], len(as_image_list(m["images"])))
+        else:
+            n = len(as_image_list(images))
+            tags = sum(m.content.count(IMAGE_TAG) for m in normalize_messages(msgs))
+            users = [m for m in msgs if isinstance(m, dict) and m.get("role") == "user"]
+            if tags == 0 and n and users:  # untagged flat images go to the first user turn
+                users[0]["content"] = with_image_tags(users[0]["content"], n)
+        return self.processor(msgs, images=images)
+
+    def stream(self, messages: str | Iterable[Mapping[str, Any]], images: Any = None, *,
+               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
+               stop: str | Iterable[str] | None = None, chunk_size: int = 512, reuse_cache: bool = True) -> Stream:
+        """Start a request; returns a Stream of text deltas (`.result` once it ends, `.cancel()`, `.close()`).
+        Input errors (bad image, template, overlong prompt) raise here, before anything runs."""
+        t0 = time.perf_counter()
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty, seed=seed)
+        if chunk_size is None or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        self.runner.close_active()
+        inputs = self.prepare(messages, images)
+        t1 = time.perf_counter()
+        return self.runner.start(inputs, params, stop=stop, chunk_size=chunk_size, reuse_cache=reuse_cache,
+                                 t_start=t0, preprocess_s=t1 - t0, on_finish=self._finished)
+
+    def _finished(self, result: Result) -> None:
+        self.last_result = result
+
+    def generate(self, messages: str | Iterable[Mapping[str, Any]], images: Any = None, *, stream: bool = False,
+                 **options) -> Result | Stream:
+        """Answer a prompt string or a conversation. stream=False (default): the Result; stream=True: a Stream.
+
+        options: max_new_tokens (256), temperature (0 = greedy), top_p (1), top_k (0), repetition_penalty (1),
+        seed, stop (a string or strings; not included in the text), chunk_size (prefill chunk, 512),
+        reuse_cache (True).
+        """
+        s = self.stream(messages, images, **options)
+        return s if stream else s.finish()
+
+    def chat(self, messages: str | Iterable[Mapping[str, Any]], images: Any = None, *, stream: bool = True,
+             **options) -> Stream | Result:
+        """A conversation turn: `messages` is the whole conversation so far, ending with the new user message
+        (the previous answers as assistant messages). Streams text deltas by default (stream=False: the Result).
+        The KV cache of the previous turns is reused: only the new turn is prefilled, and only its images go
+        through the vision graph. Same options as generate()."""
+        return self.generate(messages, images, stream=stream, **options)
+
+    def ground(self, image: Any, query: str, max_new_tokens: int = 64, **options) -> list:
+        """Where is `query` in the image? Greedy, with the README's referring prompt
+        "<image>\\n<|ref|>query<|/ref|>."; returns the boxes (Box: label, coords 0..999, xyxy in pixels)."""
+        options.setdefault("temperature", 0.0)
+        result = self.generate(referring_prompt(query), [image], max_new_tokens=max_new_tokens, **options)
+        return result.boxes
+
+    def __repr__(self) -> str:
+        return (f"Model({self.engine.artifact.dir}, provider={self.provider!r}, max_len={self.max_len}, "
+                f"cached={self.engine.length})")
