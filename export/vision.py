@@ -22,23 +22,31 @@ patch conv, pos_embed and LayerNorm parameters stay in io_dtype (they are < 0.2%
 QualityReport, quantized weights are recorded under the kinds "vision.attn" (qkv, proj), "vision.mlp" (fc1, fc2)
 and "projector".
 
-Op choices (opset 21 + com.microsoft), measured with ORT 1.31.1 CPU, 2 intra-op threads, real dims (C 1152,
-16 heads x 72, 729 tokens, MLP 4304), fp32 weights; bench/vision_tile_latency.py --attn-only reproduces them.
-Numbers are ms per tile per block, n = 2 tiles, best of 5, on a shared 2-core box (noisy, +-10%):
-  attention part only (LN1 + qkv + attention + proj + residual)
-    "mha"    com.microsoft MultiHeadAttention (q, k, v 3-D, scale attribute)       {MHA_MS}
-    "plain"  MatMul -> Softmax -> MatMul, head split with Reshape/Transpose       {PLAIN_MS}
-    ONNX Attention-23 (needs opset 23; measured in a separate opset-23 model)     {ONNX_ATTN_MS}
-  {ATTN_NOTE}
-  The MHA contrib kernel is fp32-only on CPU (onnxruntime.md §1.5), so attention="auto" picks "mha" for fp32 io
-  and "plain" for fp16 io (CUDA fp16 also runs the plain ops; the CUDA MHA kernel would take fp16 too, but one
-  graph that runs everywhere was preferred over a CUDA-only speedup that was not measured here).
-  In "plain" the softmax scale is folded into the q rows of the qkv weight and bias (no extra Mul over q).
+Op choices (opset 21 + com.microsoft). Attention: com.microsoft MultiHeadAttention by default (attention="mha"),
+or attention="plain" (MatMul -> Softmax -> MatMul with Reshape/Transpose head split, the softmax scale folded into
+the q rows of the qkv weight and bias) for execution providers without MHA. Measured with
+`python -m vl2edge.bench.vision_tile_latency --attn-only --reps 15`: the attention core alone (q, k, v
+[n, 729, 1152] -> [n, 729, 1152], 16 heads x 72), ORT 1.31.1 CPU, 2 intra-op threads, variants interleaved, on a
+shared 2-core Xeon (AVX-512/AMX) under load ~3; ms per tile, median (min):
+                      fp32 n=1      fp32 n=2      fp16 io n=1   fp16 io n=2
+    mha               41.7 (25.6)   30.3 (25.3)   37.3 (27.1)   30.9 (24.2)
+    plain             47.2 (34.2)   38.0 (33.1)   78.4 (52.6)   47.1 (39.8)
+    ONNX Attention-23 46.3 (30.7)   30.4 (26.1)   62.0 (52.8)   47.3 (39.2)   (needs opset 23: not used)
+  MHA was the fastest or tied in every run (three runs; the others agree). Its CPU kernel is fp32-only
+  (onnxruntime.md §1.5), but ORT inserts Casts around it for fp16 io and it still beats the fp16 plain ops, which
+  ORT CPU also runs through fp32 fallbacks; CUDA has fp16 MHA. So one choice serves fp32 and fp16 io.
+  For scale: the attention core is ~25-30 ms of the ~115 ms a block costs per tile; the four Linears are the rest
+  (a whole tile is ~3-4 s fp32 at n=2, see bench/vision_tile_latency.py).
   GELU: ONNX Gelu-20 with approximate="tanh" in the blocks, exact ("none") in the projector. LayerNorm: ONNX
-  LayerNormalization (axis -1, eps 1e-6); ORT fuses residual Add + LayerNormalization into SkipLayerNormalization
-  and MatMul + bias Add into its GEMMs at the default optimization level, so the graph stays plain ONNX.
+  LayerNormalization (axis -1, eps 1e-6; ORT fuses only the last residual Add into SkipLayerNormalization since
+  the others feed two consumers; the unfused Adds are < 1% of a block's time, not worth a contrib op).
   Projector unfold: Reshape [n,27,27,C] -> Pad (0,1) on H and W -> Reshape [n,14,2,14,2,C] (n, i, dy, j, dx, c)
   -> Transpose (0,1,3,5,2,4) = (n, i, j, c, dy, dx) -> Reshape [n,196,4C]: exactly F.unfold's channel-major order.
+Precision notes (same box, M = 729 x n rows per Linear): int8 MatMulNBits (block 32, accuracy_level 4) is only
+~1.0-1.3x faster than the fp32 MatMul (~1.5x with block 128), so on CPU the int8 vision graph is about as fast as
+fp32 (within this box's noise) while 4x smaller; com.microsoft DynamicQuantizeMatMul (per-column int8 weights,
+per-tensor dynamic uint8 activations) measured 4-5x faster than fp32 per Linear but is not a Precision kind here
+(its per-tensor activation scale is untested against SigLIP's activation outliers).
 
 `weights` is either a Mapping {checkpoint name: fp32 numpy array} or a callable get(name) -> np.ndarray; the
 callable form lets a caller stream tensors from a Checkpoint one at a time, e.g.
