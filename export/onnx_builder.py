@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 IR_VERSION = 10
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
+ALIGN = 4096  # external-data offsets on page boundaries (memory-mappable)
 
 NP_TO_ONNX = {
     np.dtype(np.float32): TensorProto.FLOAT,
@@ -31,7 +32,7 @@ class GraphBuilder:
     def __init__(self, name: str):
         self.name = name
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
+        self._arrays: list[tuple[str, np.ndarray]] = []  # initializers, kept as numpy until written
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self._names: set[str] = set()
@@ -58,7 +59,7 @@ class GraphBuilder:
 
     def const(self, hint: str, array) -> str:
         name = self._unique(hint)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self._arrays.append((name, np.ascontiguousarray(array)))
         return name
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", hint: str | None = None,
@@ -84,16 +85,39 @@ class GraphBuilder:
         return self.op("SimplifiedLayerNormalization", [x, w], hint=hint, axis=-1, epsilon=float(eps), stash_type=1)
 
     def model(self) -> onnx.ModelProto:
-        g = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        """The whole model in memory, weights inline (for tests and small graphs; `save` streams instead)."""
+        return self._model([numpy_helper.from_array(a, n) for n, a in self._arrays])
+
+    def _model(self, initializers) -> onnx.ModelProto:
+        g = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializers)
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
                               producer_name="vl2edge")
         m.ir_version = IR_VERSION
         return m
 
-    def save(self, path: str | Path) -> Path:
-        """Write `path` and its weights to `path.name + '.data'` beside it."""
+    def save(self, path: str | Path, inline_below: int = 1024) -> Path:
+        """Write `path`, with every initializer of `inline_below` bytes or more streamed into `path.name + '.data'`
+        (ONNX external data). Each weight goes from its numpy array straight to the file: no protobuf copy of the
+        weights is ever built (onnx's own save_as_external_data would hold them all in memory twice). Offsets are
+        page-aligned so ONNX Runtime can memory-map them."""
         path = Path(path)
-        m = self.model()
-        onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+        data_name = path.name + ".data"
+        tensors, offset = [], 0
+        with open(path.parent / data_name, "wb") as f:
+            for name, a in self._arrays:
+                if a.nbytes < inline_below:
+                    tensors.append(numpy_helper.from_array(a, name))
+                    continue
+                offset = -(-offset // ALIGN) * ALIGN
+                f.seek(offset)
+                f.write(memoryview(a.reshape(-1)).cast("B"))
+                t = TensorProto(name=name, data_type=NP_TO_ONNX[a.dtype], dims=list(a.shape),
+                                data_location=TensorProto.EXTERNAL)
+                for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(a.nbytes))):
+                    t.external_data.add(key=k, value=v)
+                tensors.append(t)
+                offset += a.nbytes
+        if offset == 0:
+            (path.parent / data_name).unlink()
+        onnx.save_model(self._model(tensors), str(path))
         return path
