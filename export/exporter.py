@@ -41,7 +41,7 @@ from .embedding import KEY as EMBED_KEY
 from .embedding import build_embedding_graph
 from .head import build_head_graph
 from .linear import Precision
-from .manifest import FORMAT_VERSION, graph_entry, write_manifest
+from .manifest import FORMAT_VERSION, file_sha256, graph_entry, write_manifest
 from .mlp import build_mlp_graph
 from .vision import build_vision_graph
 
@@ -74,16 +74,6 @@ def precision_plan(experts: str, block_size: int, target: str) -> dict[str, Prec
         expert = fp16 if experts in ("fp16", "fp32") else Precision(experts, block_size, accuracy_level=0)
         return {"experts": expert, "linear": fp16, "vision": fp16, "embedding": fp16, "lm_head": fp16}
     raise ExportError(f"--target {target!r}: choose cpu or cuda")
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _partial_dirs(out: Path) -> list[Path]:
@@ -151,7 +141,7 @@ def export(src, out, experts: str = "int4", block_size: int = 64, target: str = 
                 shutil.copyfile(ckpt.dir / name, tmp / name)
         (tmp / "quality_report.json").write_text(json.dumps(report.summary(), indent=2) + "\n")
 
-        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        files = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
         manifest = {
             "format": "vl2edge-artifact",
             "format_version": FORMAT_VERSION,

@@ -18,6 +18,7 @@ Top-level keys:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -39,6 +40,14 @@ def graph_entry(builder, file: str) -> dict:
     """A graph's manifest entry from the GraphBuilder that wrote `file`."""
     return {"file": file, "inputs": [_value_info(v) for v in builder.inputs],
             "outputs": [_value_info(v) for v in builder.outputs]}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_manifest(directory: Path, manifest: dict) -> Path:

@@ -10,12 +10,11 @@ verify="size" skips hashing for fast starts on a trusted disk (hashing reads the
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..export.manifest import FORMAT, FORMAT_VERSION, MANIFEST
+from ..export.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_sha256
 
 
 class ArtifactError(ValueError):
@@ -40,14 +39,6 @@ class Artifact:
         for layer in g["layers"]:
             files += [layer["attention"]["file"], layer["mlp"]["file"]]
         return files
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def open_artifact(path, verify: str = "sha256") -> Artifact:
@@ -77,7 +68,7 @@ def open_artifact(path, verify: str = "sha256") -> Artifact:
         if f.stat().st_size != meta["bytes"]:
             raise ArtifactError(f"{f}: {f.stat().st_size} bytes, the manifest says {meta['bytes']} (truncated or "
                                 f"replaced)")
-        if verify == "sha256" and _sha256(f) != meta["sha256"]:
+        if verify == "sha256" and file_sha256(f) != meta["sha256"]:
             raise ArtifactError(f"{f}: sha256 does not match the manifest (corrupt or modified)")
     art = Artifact(d, manifest)
     for name in art.graph_files():
