@@ -187,3 +187,20 @@ def test_killed_export_leaves_no_artifact_and_force_replaces_atomically(test_che
     export(test_checkpoints["test-vl2"], out, experts="int4", block_size=32, progress=False, force=True)
     assert (first, open_artifact(out).manifest["quantization"]["experts"]["kind"]) == ("int8", "int4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_cuda_target_artifact_is_fp16_and_tracks_the_reference(test_checkpoints, references, tmp_path):
+    """No GPU here: the fp16-I/O artifact built for CUDA still runs on ONNX Runtime's CPU kernels, which checks
+    its graphs' numerics (CUDA execution itself is unverified in this environment)."""
+    art = export(test_checkpoints["test-small"], tmp_path / "cuda", experts="int4", block_size=32, target="cuda",
+                 progress=False)
+    m = open_artifact(art).manifest
+    assert m["io_dtype"] == "float16" and m["quantization"]["linear"]["kind"] == "fp16"
+    assert m["attention"]["cache_bytes_per_token"] == 3 * 40 * 2
+    inp = prompt(test_checkpoints, "test-small")
+    eng = Engine(art, provider="cpu")
+    logits = eng.prefill(eng.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop))
+    ref = references["test-small"](inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop,
+                                   all_logits=False)[0, -1].numpy()
+    assert logits.dtype == np.float32
+    assert float(logits @ ref / np.linalg.norm(logits) / np.linalg.norm(ref)) > 0.98
