@@ -263,6 +263,12 @@ def _demo(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .bench.runner import main as bench_main
+
+    return bench_main(args)
+
+
 def _add_generation_options(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
     g = p.add_argument_group("generation (defaults: greedy, as the official README)")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
@@ -352,6 +358,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(d, max_new_tokens=48)
     _add_output_options(d)
     d.set_defaults(func=_demo)
+
+    b = sub.add_parser("bench", help="latency and memory benchmarks of the runtime against the PyTorch reference "
+                                     "(JSON + table + plots)")
+    b.add_argument("--model", default="tiny", help="preset name (synthesized and exported on first use, cached) or "
+                                                   "a checkpoint directory (default: real-dims tiny)")
+    b.add_argument("--precisions", default=None, help="routed-expert precisions to export and measure, "
+                                                      "comma-separated: int4,int8,fp32 (default int4,int8; --quick "
+                                                      "int4)")
+    b.add_argument("--threads", type=int, default=None, help="intra-op threads, runtime and reference (default: "
+                                                             "the usable cores)")
+    b.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    b.add_argument("--out", default=None, metavar="DIR", help="bench.json, bench.txt and the PNGs (default "
+                                                              "./bench-out)")
+    b.add_argument("--quick", action="store_true", help="a few minutes: the model truncated to 2 layers, fewer "
+                                                        "contexts and repeats, fp32 reference only")
+    b.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference")
+    b.add_argument("--reference-dtypes", default=None, help="fp32,bf16 (default: both; --quick: fp32)")
+    b.add_argument("--layers", type=int, default=None, help="truncate a preset to N layers (--quick: 2)")
+    b.add_argument("--block-size", type=int, default=64, choices=[32, 64, 128], help="quantization block")
+    b.add_argument("--artifact", action="append", default=[], metavar="PRECISION=DIR",
+                   help="use this exported artifact for a precision instead of the cached export (repeatable)")
+    b.add_argument("--force-export", action="store_true", help="export the cached artifacts again (after an "
+                                                                 "exporter change)")
+    b.add_argument("--contexts", default=None, help="decode context lengths, comma-separated (default "
+                                                    "512,1024,2048,4096; --quick 512,4096)")
+    b.add_argument("--repeats", type=int, default=None, help="repeats of every runtime measurement")
+    b.add_argument("--decode-steps", type=int, default=None, help="timed decode steps per repeat")
+    b.add_argument("--bandwidth-mb", type=int, default=1024, help="array size of the bandwidth probe (0: skip)")
+    b.add_argument("--cache-dir", default=None, help="where presets and exports are cached (default "
+                                                     "$VL2EDGE_CACHE/bench or ~/.cache/vl2edge/bench)")
+    b.add_argument("--quiet", action="store_true", help="no progress lines")
+    b.set_defaults(func=_bench)
     return p
 
 

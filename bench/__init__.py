@@ -1,1 +1,29 @@
-"""vl2edge.bench (see README)."""
+"""vl2edge.bench: latency and memory benchmarks of the runtime against the PyTorch reference (`vl2edge bench`).
+
+    from vl2edge.bench import run_bench
+    doc = run_bench(model="tiny", precisions=["int4", "int8"], threads=2, out="bench-out")
+
+One idea per module:
+  workload.py        what is measured, how often (full / quick / tiny)
+  machine.py         CPU, cores, versions, load average, measured memory read bandwidth
+  roofline.py        bytes read per decoded token -> the best decode rate the bandwidth allows
+  runtime_bench.py   the workload on the ONNX runtime (one artifact)
+  reference_bench.py the workload on the PyTorch reference (fp32 / bf16, eager)
+  memory.py          RSS / peak RSS from /proc; a probe of ORT session options' effect on memory
+  isolated.py        each measurement in a fresh process (clean peak RSS)
+  prepare.py         the model: synthesize a preset / take a checkpoint directory, export per precision, cached
+  targets.py         the issue's targets, pass/fail with the numbers
+  report.py          the JSON document (schema), the table, the PNG plots
+  runner.py          run_bench and the CLI entry
+Single-graph micro-benchmarks: attention_layer_latency.py, vision_tile_latency.py.
+"""
+
+
+def run_bench(*args, **kwargs):
+    """See bench/runner.py (imported on first use: `import vl2edge.bench` stays light)."""
+    from .runner import run_bench as _run
+
+    return _run(*args, **kwargs)
+
+
+__all__ = ["run_bench"]

@@ -1,0 +1,130 @@
+"""The machine a run was taken on: CPU, cores, memory, library versions, provider, threads, load, and its measured
+memory read bandwidth (the roofline's ceiling).
+
+Bandwidth: a streaming read of a float32 array much larger than the last-level cache (default 1 GiB; this
+machine's VM reports a 300 MiB L3), reduced by numpy's `np.maximum.reduce` (SIMD, memory-bound: 11.8 GB/s here
+where `np.add.reduce`'s pairwise summation is compute-bound at 5.8 GB/s; it releases the GIL): once with one thread
+and once split over `threads` Python threads, each the best of `repeats` passes after one untimed pass. Best-of, not median: the ceiling is what the hardware can do when nobody else is using
+it; the load average recorded beside each sample says how busy the machine was.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The SIMD features that matter to the kernels (avx2, avx512*, amx*, vnni)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return sorted(x for x in flags if x.startswith(("avx", "amx", "fma")) or "vnni" in x)
+    except OSError:
+        pass
+    return []
+
+
+def memory_total_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _read(chunks: list[np.ndarray], pool: ThreadPoolExecutor | None) -> None:
+    if pool is None:
+        for c in chunks:
+            np.maximum.reduce(c)
+    else:
+        list(pool.map(np.maximum.reduce, chunks))
+
+
+def measure_bandwidth(threads: int = 1, size_mb: int = 1024, repeats: int = 5) -> dict:
+    """Best read bandwidth in bytes/s with 1 thread and with `threads` threads (and the load average then)."""
+    n = size_mb * 2**20 // 4
+    a = np.ones(n, np.float32)  # written once: every page is resident before timing
+    out = {"array_bytes": a.nbytes, "repeats": repeats}
+    for k in sorted({1, max(1, threads)}):
+        chunks = np.array_split(a, k)
+        pool = ThreadPoolExecutor(k) if k > 1 else None
+        try:
+            _read(chunks, pool)
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                _read(chunks, pool)
+                best = min(best, time.perf_counter() - t0)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        out[f"threads_{k}_bytes_per_s"] = a.nbytes / best
+    out["bytes_per_s"] = max(v for k, v in out.items() if k.endswith("_bytes_per_s"))
+    out["load_average"] = load_average()
+    del a
+    return out
+
+
+def bandwidth_summary(samples: list[dict]) -> dict:
+    """Several probes taken through a run (the machine's load changes): the best is the roofline's ceiling (what the
+    hardware gives when nobody else is using it); every sample is kept with its load average."""
+    best = max(samples, key=lambda s: s["bytes_per_s"])
+    return {**{k: v for k, v in best.items() if k != "load_average"}, "samples": samples}
+
+
+def machine_info(threads: int | None, provider: str = "cpu", bandwidth: bool = True, size_mb: int = 1024) -> dict:
+    import onnxruntime as ort
+
+    info = {
+        "hostname": platform.node(),
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_bytes": memory_total_bytes(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "onnxruntime": ort.__version__,
+        "ort_providers_available": ort.get_available_providers(),
+        "provider": provider,
+        "threads": threads,
+        "load_average_start": load_average(),
+    }
+    try:  # the version without importing it
+        from importlib.metadata import version
+
+        info["torch"] = version("torch")
+    except Exception:
+        info["torch"] = None
+    if bandwidth:
+        info["bandwidth"] = bandwidth_summary([measure_bandwidth(threads or 1, size_mb=size_mb)])
+    return info

@@ -1,0 +1,87 @@
+"""The model under test: a checkpoint (a synthesized preset or a Hugging Face directory) and one exported artifact
+per precision, built on first use and cached.
+
+Cache root: $VL2EDGE_CACHE/bench, else ~/.cache/vl2edge/bench.
+  checkpoints/<preset>[-L<layers>]-seed<seed>/          synthesized (random weights, real dims)
+  checkpoints/<preset>[-L<layers>]-seed<seed>.done      written once the synthesis completed
+  artifacts/<checkpoint key>-<precision>-b<block>[-<target>]/   `vl2edge export` of it (atomic: no manifest, no
+                                                        artifact)
+An artifact is reused when its manifest names the same checkpoint directory, precision and block size; otherwise it
+is exported again. A checkpoint directory given by path is keyed by its name and a hash of its absolute path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..model.presets import PRESETS
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("VL2EDGE_CACHE", Path.home() / ".cache" / "vl2edge")).expanduser() / "bench"
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def prepare_checkpoint(model: str, layers: int | None = None, seed: int = 0, cache_dir=None,
+                       progress: bool = True) -> tuple[Path, dict]:
+    """-> (checkpoint directory, {"name", "source": "preset"|"directory", "layers"})."""
+    if model in PRESETS:
+        name = f"{model}{f'-L{layers}' if layers else ''}-seed{seed}"
+        ckpt = cache_root(cache_dir) / "checkpoints" / name
+        done = ckpt.parent / f"{name}.done"
+        if not done.is_file():
+            from ..model.synth import synthesize
+
+            _log(progress, f"synthesizing preset {model!r}{f' ({layers} layers)' if layers else ''} into {ckpt} "
+                           f"(random weights, real dims; once)")
+            synthesize(ckpt, model, seed=seed, layers=layers, force=True, progress=progress)
+            done.write_text("ok\n")
+        return ckpt, {"name": model, "source": "preset", "layers": layers, "seed": seed}
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model {model!r}: neither a preset ({', '.join(sorted(PRESETS))}) nor a checkpoint "
+                         f"directory with a config.json")
+    if layers:
+        raise ValueError("--layers truncates a synthesized preset; it does not apply to a checkpoint directory")
+    return path.resolve(), {"name": path.name, "source": "directory", "layers": None, "seed": None}
+
+
+def checkpoint_key(ckpt: Path) -> str:
+    ckpt = Path(ckpt).resolve()
+    return f"{ckpt.name}-{hashlib.sha1(str(ckpt).encode()).hexdigest()[:8]}"
+
+
+def _matches(art: Path, ckpt: Path, precision: str, block_size: int, target: str) -> bool:
+    try:
+        m = json.loads((art / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    q = m.get("quantization", {}).get("experts", {})
+    return (Path(m["source"]["checkpoint"]).resolve() == Path(ckpt).resolve() and q.get("kind") == precision
+            and (q.get("block_size", block_size) == block_size or precision in ("fp32", "fp16"))
+            and m.get("target") == target)
+
+
+def prepare_artifact(ckpt: Path, precision: str, block_size: int = 64, target: str = "cpu", cache_dir=None,
+                     progress: bool = True, force: bool = False) -> Path:
+    """The cached export of `ckpt` at `precision` (routed experts; see export/exporter.py for the rest).
+    force: export again even if a matching one is cached (after a change to the exporter: the cache does not know
+    which code made an artifact; the report records its creation time)."""
+    suffix = "" if target == "cpu" else f"-{target}"
+    art = cache_root(cache_dir) / "artifacts" / f"{checkpoint_key(ckpt)}-{precision}-b{block_size}{suffix}"
+    if not force and _matches(art, ckpt, precision, block_size, target):
+        return art
+    from ..export.exporter import export
+
+    _log(progress, f"exporting {ckpt} ({precision} experts, block {block_size}, {target}) into {art} (once)")
+    return export(ckpt, art, experts=precision, block_size=block_size, target=target, force=True, progress=progress)

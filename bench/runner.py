@@ -1,0 +1,164 @@
+"""run_bench: the whole suite - prepare the model, measure the machine, each precision and each reference dtype
+in its own process, then write the document, the table and the plots.
+
+    from vl2edge.bench import run_bench
+
+    doc = run_bench(model="tiny", precisions=["int4", "int8"], threads=2, out="bench-out")
+    print(doc["runtime"]["int4"]["decode"][0]["tokens_per_s"], doc["targets"]["failed"])
+
+The processes run one after another (never two models in memory at once): runtime precisions first, then the
+reference dtypes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from .isolated import run_isolated
+from .machine import bandwidth_summary, load_average, machine_info, measure_bandwidth
+from .prepare import _log, prepare_artifact, prepare_checkpoint
+from .report import build_document, render_table, write_outputs
+from .workload import Workload
+
+QUICK_LAYERS = 2
+PRECISIONS = ("int4", "int8", "fp32", "fp16")
+REFERENCE_DTYPES = ("float32", "bfloat16")
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def run_bench(model: str = "tiny", precisions=("int4", "int8"), *, threads: int | None = None,
+              provider: str = "cpu", out: str | Path | None = None, quick: bool = False, reference: bool = True,
+              reference_dtypes=None, layers: int | None = None, block_size: int = 64,
+              workload: Workload | None = None, artifacts: dict | None = None, cache_dir=None,
+              force_export: bool = False,
+              bandwidth_mb: int = 1024, reference_omp_wait_policy: str | None = "PASSIVE", progress: bool = True,
+              in_process: bool = False, command: str | None = None) -> dict:
+    """Run the suite; returns the document (bench/report.py) and writes it to `out` if given.
+
+    model: a preset name (synthesized and exported on first use, cached under cache_dir / $VL2EDGE_CACHE) or a
+    checkpoint directory. quick: the model truncated to QUICK_LAYERS layers (presets) and Workload.quick(), and
+    only the fp32 reference unless reference_dtypes says otherwise. artifacts: {precision: path} of existing
+    exports to use instead of the cached ones; force_export: export the cached ones again (after an exporter
+    change). workload: overrides the full/quick default. in_process: no
+    subprocesses (debugging; memory figures then meaningless).
+
+    reference_omp_wait_policy: OMP_WAIT_POLICY of the reference's process (None: libgomp's default, threads spin
+    in barriers). PASSIVE by default, the counterpart of the runtime's default of no ORT thread spinning: on a
+    shared machine a spinning 2-thread OpenMP region waits a scheduler slice for a descheduled thread at every op
+    (measured on test-tiny under load ~5: a reference decode step 720 ms with spinning, 9-15 ms passive), which
+    would flatter every ratio. An OMP_WAIT_POLICY already in the environment wins.
+    """
+    precisions = [p.lower() for p in precisions]
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise ValueError(f"precision {p!r}: choose from {PRECISIONS}")
+    if reference_dtypes is None:
+        reference_dtypes = ("float32",) if quick else REFERENCE_DTYPES
+    for d in reference_dtypes:
+        if d not in REFERENCE_DTYPES:
+            raise ValueError(f"reference dtype {d!r}: choose from {REFERENCE_DTYPES}")
+    threads = threads or default_threads()
+    provider = (provider or "cpu").lower()
+    target = "cuda" if provider == "cuda" else "cpu"
+    if quick and layers is None and model in ("tiny", "small", "vl2"):
+        layers = QUICK_LAYERS
+    w = workload or (Workload.quick() if quick else Workload.full())
+    mode = "custom" if workload is not None else ("quick" if quick else "full")
+
+    ckpt, model_info = prepare_checkpoint(model, layers, cache_dir=cache_dir, progress=progress)
+    config = json.loads((ckpt / "config.json").read_text())
+    arts = {}
+    for p in precisions:
+        given = (artifacts or {}).get(p)
+        arts[p] = Path(given) if given else prepare_artifact(ckpt, p, block_size, target, cache_dir, progress,
+                                                                 force=force_export)
+
+    _log(progress, f"machine: measuring read bandwidth ({bandwidth_mb} MiB, {threads} threads)")
+    machine = machine_info(threads, provider, bandwidth=bandwidth_mb > 0, size_mb=max(bandwidth_mb, 1))
+
+    samples = list(machine["bandwidth"]["samples"]) if bandwidth_mb > 0 else []
+
+    def resample() -> None:  # the machine is shared: probe again between measurements, keep the best
+        if bandwidth_mb > 0:
+            samples.append(measure_bandwidth(threads, size_mb=bandwidth_mb))
+            machine["bandwidth"] = bandwidth_summary(samples)
+
+    runtime, max_len = {}, None
+    for p in precisions:
+        _log(progress, f"runtime {p}: {arts[p]} ({mode} workload), load average {load_average()}")
+        rec = run_isolated("runtime", {"artifact": str(arts[p]), "threads": threads, "provider": provider,
+                                       "workload": w.as_dict(), "progress": progress}, in_process=in_process)
+        runtime[p] = rec
+        if "error" in rec:
+            _log(progress, f"runtime {p}: FAILED: {rec['error']}")
+        else:
+            max_len = max_len or rec["max_len"]
+        resample()
+
+    ref = {}
+    if reference:
+        for d in reference_dtypes:
+            _log(progress, f"reference {d}: {ckpt}, load average {load_average()}")
+            env = {} if (reference_omp_wait_policy is None or "OMP_WAIT_POLICY" in os.environ) else \
+                {"OMP_WAIT_POLICY": reference_omp_wait_policy}
+            rec = run_isolated("reference", {"checkpoint": str(ckpt), "dtype": d, "threads": threads,
+                                             "max_len": max_len, "workload": w.as_dict(), "progress": progress},
+                               in_process=in_process, env=env)
+            ref[d] = rec
+            if "error" in rec:
+                _log(progress, f"reference {d}: FAILED: {rec['error']}")
+            resample()
+    machine["load_average_end"] = load_average()
+
+    doc = build_document(command=command or _call_repr(model, precisions, threads, provider, quick, reference),
+                         mode=mode, model={**model_info, "checkpoint": str(ckpt)}, config=config, machine=machine,
+                         workload=w.as_dict(), runtime=runtime, reference=ref)
+    if out is not None:
+        path = write_outputs(doc, out)
+        _log(progress, f"wrote {path} (+ {', '.join(doc['plots'].values()) or 'no plots: matplotlib missing'})")
+    return doc
+
+
+def _call_repr(model, precisions, threads, provider, quick, reference) -> str:
+    return (f"run_bench(model={model!r}, precisions={list(precisions)!r}, threads={threads}, provider={provider!r}, "
+            f"quick={quick}, reference={reference})")
+
+
+def main(args) -> int:
+    """`vl2edge bench` (cli.py parses the arguments)."""
+    artifacts = {}
+    for item in args.artifact or []:
+        prec, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"--artifact {item!r}: expected PRECISION=PATH")
+        artifacts[prec.lower()] = path
+    overrides = {}
+    if args.contexts:
+        overrides["contexts"] = tuple(int(c) for c in args.contexts.split(","))
+    if args.repeats:
+        overrides.update(vision_repeats=args.repeats, ttft_repeats=args.repeats, prefill_repeats=args.repeats,
+                         decode_repeats=args.repeats)
+    if args.decode_steps:
+        overrides["decode_steps"] = args.decode_steps
+    w = None
+    if overrides:
+        w = (Workload.quick() if args.quick else Workload.full()).with_(**overrides)
+    ref_dtypes = None if args.reference_dtypes is None else tuple(
+        {"fp32": "float32", "bf16": "bfloat16"}.get(d, d) for d in args.reference_dtypes.split(","))
+    out = args.out or "bench-out"
+    precisions = args.precisions or ("int4" if args.quick else "int4,int8")
+    doc = run_bench(args.model, precisions.split(","), threads=args.threads, provider=args.provider, out=out,
+                    quick=args.quick, reference=not args.no_reference, reference_dtypes=ref_dtypes,
+                    layers=args.layers, block_size=args.block_size, workload=w, artifacts=artifacts,
+                    cache_dir=args.cache_dir, force_export=args.force_export, bandwidth_mb=args.bandwidth_mb,
+                    progress=not args.quiet,
+                    command="vl2edge " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    sys.stdout.write(render_table(doc))
+    return 1 if doc["errors"] else 0

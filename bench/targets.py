@@ -1,0 +1,134 @@
+"""The issue's targets, evaluated on a bench document (checked here and reported; never asserted by tests).
+
+For real-dims `tiny` on a 2-core CPU, the INT4 runtime (precision "int4") against the PyTorch fp32 eager reference:
+
+  decode_speedup     INT4 decode tokens/s >= 5 x the reference fp32's, at the smallest context both measured
+  decode_roofline    INT4 decode >= 50% of the roofline's best rate, at that context
+  ttft_ratio         INT4 time to first token (640x480 + question) <= 0.4 x the reference fp32's
+  decode_4k_vs_512   INT4 decode step time at the largest context (4k) <= 1.15 x that at the smallest (512)
+  peak_rss           INT4 runtime peak RSS over the whole workload <= 2.5 GB (10^9 bytes)
+
+Each target -> {"id", "description", "metric", "value", "op", "threshold", "unit", "passed", "detail"}; "passed" is
+None when the run lacks what it needs (no int4 precision, --no-reference, a failed measurement). `applies` in the
+document's "targets" section says whether the run is the one the targets are stated for (tiny's dims, all layers).
+"""
+
+from __future__ import annotations
+
+PRECISION = "int4"
+REFERENCE = "float32"
+GB = 10**9
+
+TARGETS = {
+    "decode_speedup": (">=", 5.0, "x", "INT4 decode >= 5x the PyTorch fp32 eager reference"),
+    "decode_roofline": (">=", 0.5, "fraction", "INT4 decode >= 50% of the roofline (measured bandwidth / bytes "
+                                               "per token)"),
+    "ttft_ratio": ("<=", 0.4, "x", "time to first token, 640x480 image + question, <= 0.4x the reference fp32"),
+    "decode_4k_vs_512": ("<=", 1.15, "x", "INT4 decode step time at 4k context within 15% of that at 512"),
+    "peak_rss": ("<=", 2.5 * GB, "bytes", "peak RSS of the INT4 runtime <= 2.5 GB"),
+}
+
+
+def _ok(rec) -> bool:
+    return isinstance(rec, dict) and "error" not in rec
+
+
+def _decode_at(rec: dict, context: int) -> dict | None:
+    return next((d for d in rec.get("decode", []) if d["context"] == context), None)
+
+
+def check(op: str, value: float | None, threshold: float) -> bool | None:
+    if value is None:
+        return None
+    return value >= threshold if op == ">=" else value <= threshold
+
+
+def _target(tid: str, value, detail: str) -> dict:
+    op, threshold, unit, description = TARGETS[tid]
+    return {"id": tid, "description": description, "value": value, "op": op, "threshold": threshold, "unit": unit,
+            "passed": check(op, value, threshold), "detail": detail}
+
+
+def evaluate(doc: dict, precision: str = PRECISION, reference: str = REFERENCE) -> list[dict]:
+    rt = doc.get("runtime", {}).get(precision)
+    ref = doc.get("reference", {}).get(reference)
+    out = []
+    if not _ok(rt):
+        why = f"no {precision} runtime measurement" + (f" ({rt['error']})" if isinstance(rt, dict) else "")
+        return [_target(t, None, why) for t in TARGETS]
+
+    contexts = sorted(d["context"] for d in rt["decode"])
+    both = sorted(set(contexts) & {d["context"] for d in ref["decode"]}) if _ok(ref) else []
+    c0 = both[0] if both else None
+
+    roof = doc.get("roofline", {})
+    rt_roof = roof.get("runtime", {}).get(precision)
+    ref_roof = roof.get("reference", {}).get(reference)
+
+    def row_at(r, c):
+        return next((x for x in (r or {}).get("rows", []) if x["context"] == c), None)
+
+    # decode speedup vs the reference
+    if c0 is not None:
+        a, b = _decode_at(rt, c0)["tokens_per_s"], _decode_at(ref, c0)["tokens_per_s"]
+        others = ", ".join(f"@{c}: {_decode_at(rt, c)['tokens_per_s'] / _decode_at(ref, c)['tokens_per_s']:.2f}x"
+                           for c in both)
+        detail = f"@{c0}: {a:.2f} vs {b:.2f} tokens/s ({others})"
+        ra, rb = row_at(rt_roof, c0), row_at(ref_roof, c0)
+        if ra and rb:  # what two equally bandwidth-bound implementations would show
+            detail += f"; bytes per token {rb['bytes_per_token'] / 1e6:.0f} vs {ra['bytes_per_token'] / 1e6:.0f} MB " \
+                      f"= {rb['bytes_per_token'] / ra['bytes_per_token']:.2f}x"
+        out.append(_target("decode_speedup", a / b, detail))
+    else:
+        out.append(_target("decode_speedup", None, f"no reference {reference} decode measurement"))
+
+    # roofline fraction
+    row = row_at(rt_roof, c0 or contexts[0])
+    if row and row["fraction"] is not None:
+        out.append(_target("decode_roofline", row["fraction"],
+                           f"@{row['context']}: {row['measured_tokens_per_s']:.2f} of {row['best_tokens_per_s']:.2f} "
+                           f"tokens/s best ({row['bytes_per_token'] / 1e6:.0f} MB/token at "
+                           f"{doc['roofline']['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s)"))
+    else:
+        out.append(_target("decode_roofline", None, "no roofline (bandwidth not measured)"))
+
+    # time to first token
+    if _ok(ref):
+        a, b = rt["ttft"]["ttft_s"], ref["ttft"]["ttft_s"]
+        out.append(_target("ttft_ratio", a / b, f"{a:.2f} s vs {b:.2f} s ({rt['ttft']['prompt_tokens']} prompt tokens, "
+                                                f"{rt['ttft']['vision_tiles']} tiles)"))
+    else:
+        out.append(_target("ttft_ratio", None, f"no reference {reference} measurement"))
+
+    # long context
+    lo, hi = contexts[0], contexts[-1]
+    if hi > lo:
+        a, b = _decode_at(rt, hi)["ms_per_token"], _decode_at(rt, lo)["ms_per_token"]
+        detail = f"{a:.1f} ms @{hi} (from {_decode_at(rt, hi)['start']}) vs {b:.1f} ms @{lo}"
+        rh, rl = row_at(rt_roof, hi), row_at(rt_roof, lo)
+        if rh and rl:  # the KV cache read grows with the context
+            detail += f"; bytes per token {rh['bytes_per_token'] / 1e6:.0f} vs {rl['bytes_per_token'] / 1e6:.0f} MB " \
+                      f"= {rh['bytes_per_token'] / rl['bytes_per_token']:.2f}x (KV cache {rh['kv_bytes'] / 1e6:.0f} MB " \
+                      f"@{hi})"
+        out.append(_target("decode_4k_vs_512", a / b, detail))
+    else:
+        out.append(_target("decode_4k_vs_512", None, "one context only"))
+
+    peak = rt["memory"]["peak_rss_bytes"]
+    out.append(_target("peak_rss", peak, f"{peak / GB:.2f} GB peak ({rt['memory']['rss_after_load_bytes'] / GB:.2f} GB "
+                                         f"after load; artifact {rt['artifact_bytes'] / GB:.2f} GB, KV cache "
+                                         f"{rt['memory']['kv_cache_bytes'] / GB:.2f} GB)"))
+    return out
+
+
+_TINY_KEYS = ("hidden_size", "num_hidden_layers", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+              "vocab_size")
+
+
+def applies(config: dict) -> bool:
+    """The targets are stated for real-dims tiny with all its layers: does this config.json have its dims?"""
+    from ..model.presets import preset_config
+
+    tiny, lm = preset_config("tiny")["language_config"], config.get("language_config", {})
+    return all(lm.get(k) == tiny[k] for k in _TINY_KEYS) and \
+        config.get("vision_config", {}).get("width") == preset_config("tiny")["vision_config"]["width"]
