@@ -15,7 +15,9 @@ One idea per module:
   targets.py         the issue's targets, pass/fail with the numbers
   report.py          the JSON document (schema), the table, the PNG plots
   runner.py          run_bench and the CLI entry
-Single-graph micro-benchmarks: attention_layer_latency.py, vision_tile_latency.py.
+  profile.py         ORT's profiler over a decode step (or a prefill chunk): time per op and graph
+Single-graph micro-benchmarks: attention_layer_latency.py, vision_tile_latency.py. README.md: how to run, what is
+measured, how to read it.
 """
 
 

@@ -1,6 +1,7 @@
 """Where a decode step goes, op by op: ONNX Runtime's own profiler over the engine's sessions.
 
   python -m vl2edge.bench.profile ARTIFACT --context 512 --steps 16 [--threads 2] [--json out.json]
+  python -m vl2edge.bench.profile ARTIFACT --context 0 --chunk 512 --steps 3      # a prefill chunk instead
 
 Opens the runtime's Engine with SessionOptions.enable_profiling on every session, fills the cache to --context
 with filler tokens, runs --steps decode steps, and keeps only the node events inside the last --steps runs of
@@ -43,8 +44,10 @@ def _decode_events(profile: Path, runs: int) -> list[dict]:
 
 
 def profile_decode(artifact: str, context: int = 512, steps: int = 16, threads: int | None = 2,
-                   keep: bool = False) -> dict:
-    """keep: leave ORT's raw profile files (one JSON per session) in the returned profile_dir."""
+                   keep: bool = False, chunk: int = 1) -> dict:
+    """chunk 1: decode steps; chunk > 1: `steps` prefill chunks of that many tokens, each appended at `context`
+    (the cache is rewound between them). keep: leave ORT's raw profile files (one JSON per session) in the
+    returned profile_dir."""
     from ..runtime.engine import Engine
     from ..runtime.processor import Processor
     from .workload import filler_ids
@@ -62,13 +65,19 @@ def profile_decode(artifact: str, context: int = 512, steps: int = 16, threads: 
 
     eng = ProfilingEngine(artifact, provider="cpu", threads=threads, verify="size")
     proc = Processor.from_dir(artifact)
-    fill = filler_ids(proc.encode, context + 1)
+    fill = filler_ids(proc.encode, context + max(chunk, 1))
     logits = eng.prefill(eng.embed(fill[:context]), 512)
     walls = []
     for _ in range(steps):
-        tok = int(np.argmax(logits))
-        t0 = time.perf_counter()
-        logits = eng.decode(tok)
+        if chunk > 1:
+            eng.truncate(context)
+            x = eng.embed(fill[context:context + chunk])
+            t0 = time.perf_counter()
+            logits = eng.forward(x)
+        else:
+            tok = int(np.argmax(logits))
+            t0 = time.perf_counter()
+            logits = eng.decode(tok)
         walls.append(time.perf_counter() - t0)
     sessions = [eng.embedding, eng.head] + [s for layer in eng.layers for s in (layer.attention, layer.mlp)]
     by_op, by_graph, by_node = defaultdict(float), defaultdict(float), defaultdict(float)
@@ -84,7 +93,7 @@ def profile_decode(artifact: str, context: int = 512, steps: int = 16, threads: 
     if not keep:
         shutil.rmtree(tmp, ignore_errors=True)
     wall_us = float(np.median(walls)) * 1e6
-    return {"artifact": artifact, "context": context, "steps": steps, "threads": threads,
+    return {"artifact": artifact, "context": context, "steps": steps, "chunk": chunk, "threads": threads,
             "step_wall_us_median": wall_us, "step_wall_us_mean": float(np.mean(walls)) * 1e6,
             "kernel_us_per_step": sum(by_op.values()),
             "by_op_us": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
@@ -126,25 +135,28 @@ def main(argv=None) -> None:
     ap.add_argument("artifact")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--chunk", type=int, default=1, help="1: decode steps; N > 1: prefill chunks of N tokens")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--keep", action="store_true", help="keep ORT's raw profile files")
     a = ap.parse_args(argv)
-    prof = profile_decode(a.artifact, a.context, a.steps, a.threads, a.keep)
-    prof["weight_read_rates"] = weight_read_rates(a.artifact, prof)
+    prof = profile_decode(a.artifact, a.context, a.steps, a.threads, a.keep, a.chunk)
     w = prof["step_wall_us_median"]
-    print(f"decode @{a.context}: step {w / 1e3:.1f} ms (median of {a.steps}), ORT kernels "
+    what = "decode" if a.chunk == 1 else f"prefill chunk of {a.chunk}"
+    print(f"{what} @{a.context}: step {w / 1e3:.1f} ms (median of {a.steps}), ORT kernels "
           f"{prof['kernel_us_per_step'] / 1e3:.1f} ms ({100 * prof['kernel_us_per_step'] / w:.0f}%)")
     for title, d in (("by graph", prof["by_graph_us"]), ("by op", prof["by_op_us"]),
                      ("by graph:op", prof["by_graph_op_us"])):
         print(f"  {title}:")
         for k, us in list(d.items())[:12]:
             print(f"    {k:34s} {us / 1e3:7.2f} ms  {100 * us / w:5.1f}%")
-    print("  weight-reading ops (bytes read per step / kernel time):")
-    for k, r in prof["weight_read_rates"].items():
-        if not k.startswith("_"):
-            print(f"    {k:34s} {r['bytes_per_step'] / 1e6:8.1f} MB in {r['us_per_step'] / 1e3:6.2f} ms = "
-                  f"{r['GB_per_s']:6.1f} GB/s")
+    if a.chunk == 1:
+        prof["weight_read_rates"] = weight_read_rates(a.artifact, prof)
+        print("  weight-reading ops (bytes read per step / kernel time):")
+        for k, r in prof["weight_read_rates"].items():
+            if not k.startswith("_"):
+                print(f"    {k:34s} {r['bytes_per_step'] / 1e6:8.1f} MB in {r['us_per_step'] / 1e3:6.2f} ms = "
+                      f"{r['GB_per_s']:6.1f} GB/s")
     if a.json:
         Path(a.json).write_text(json.dumps(prof, indent=2))
     if prof["profile_dir"]:
