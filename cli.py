@@ -19,7 +19,7 @@ def _export(args) -> int:
     from .export.exporter import export
 
     out = export(args.src, args.out, experts=args.experts, block_size=args.block_size, target=args.target,
-                 force=args.force, max_len=args.max_len, progress=not args.quiet)
+                 force=args.force, max_len=args.max_len, progress=not args.quiet, dense=args.dense)
     print(out)
     return 0
 
@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out", help="artifact directory to create")
     e.add_argument("--experts", default="int4", choices=["int4", "int8", "fp16", "fp32"],
                    help="routed-expert weights (fp32 = the all-fp32 parity artifact on cpu)")
+    e.add_argument("--dense", default=None, choices=["int4", "int8"],
+                   help="cpu: attention, dense/shared MLP, lm_head and embedding weights (default: the experts' "
+                        "bits; the vision tower is int8 either way)")
     e.add_argument("--block-size", type=int, default=64, choices=[32, 64, 128])
     e.add_argument("--target", default="cpu", choices=["cpu", "cuda"], help="cpu: fp32 I/O; cuda: fp16 I/O")
     e.add_argument("--max-len", type=int, default=None, help="KV-cache length (default: the model's context)")
@@ -363,9 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(JSON + table + plots)")
     b.add_argument("--model", default="tiny", help="preset name (synthesized and exported on first use, cached) or "
                                                    "a checkpoint directory (default: real-dims tiny)")
-    b.add_argument("--precisions", default=None, help="routed-expert precisions to export and measure, "
-                                                      "comma-separated: int4,int8,fp32 (default int4,int8; --quick "
-                                                      "int4)")
+    b.add_argument("--precisions", default=None, help="artifacts to export and measure, comma-separated: int4, "
+                                                      "int8, fp32 (routed experts; other weights int8) or "
+                                                      "int4-dense4 (`export --dense int4`); default "
+                                                      "int4,int4-dense4,int8; --quick int4")
     b.add_argument("--threads", type=int, default=None, help="intra-op threads, runtime and reference (default: "
                                                              "the usable cores)")
     b.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])

@@ -61,13 +61,33 @@ def checkpoint_key(ckpt: Path) -> str:
     return f"{ckpt.name}-{hashlib.sha1(str(ckpt).encode()).hexdigest()[:8]}"
 
 
+# A bench precision names an export: the routed experts' kind, and "-dense4" when the language model's other
+# Linears and lm_head are int4 too (`vl2edge export --dense int4`; plain int4/int8 keep them int8).
+DENSE4_SUFFIX = "-dense4"
+
+
+def export_options(precision: str) -> dict:
+    """Bench precision -> export() keyword arguments."""
+    if precision.endswith(DENSE4_SUFFIX):
+        return {"experts": precision[:-len(DENSE4_SUFFIX)], "dense": "int4"}
+    return {"experts": precision}
+
+
+def precision_name(quantization: dict) -> str:
+    """A manifest's "quantization" record -> its bench precision name (the inverse of export_options)."""
+    experts = quantization["experts"]["kind"]
+    dense = quantization.get("linear", {}).get("kind")
+    return experts + (DENSE4_SUFFIX if experts in ("int4", "int8") and dense == "int4" else "")
+
+
 def _matches(art: Path, ckpt: Path, precision: str, block_size: int, target: str) -> bool:
     try:
         m = json.loads((art / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
     q = m.get("quantization", {}).get("experts", {})
-    return (Path(m["source"]["checkpoint"]).resolve() == Path(ckpt).resolve() and q.get("kind") == precision
+    return (Path(m["source"]["checkpoint"]).resolve() == Path(ckpt).resolve()
+            and precision_name(m["quantization"]) == precision
             and (q.get("block_size", block_size) == block_size or precision in ("fp32", "fp16"))
             and m.get("target") == target)
 
@@ -83,5 +103,6 @@ def prepare_artifact(ckpt: Path, precision: str, block_size: int = 64, target: s
         return art
     from ..export.exporter import export
 
-    _log(progress, f"exporting {ckpt} ({precision} experts, block {block_size}, {target}) into {art} (once)")
-    return export(ckpt, art, experts=precision, block_size=block_size, target=target, force=True, progress=progress)
+    _log(progress, f"exporting {ckpt} ({precision}, block {block_size}, {target}) into {art} (once)")
+    return export(ckpt, art, block_size=block_size, target=target, force=True, progress=progress,
+                  **export_options(precision))

@@ -1,6 +1,10 @@
 """The PyTorch reference (model/, eager) on the checkpoint: the same workload as the runtime, in THIS process.
 
 fp32 or bf16 weights (DeepseekVL2.from_checkpoint), torch.set_num_threads(threads), torch.inference_mode, CPU.
+Every weight is materialized in memory after loading: a tensor already in the checkpoint's dtype (bf16 from a bf16
+checkpoint) would otherwise stay a view of the memory-mapped safetensors file, and the timed steps would include
+the page faults that read it from disk whenever the page cache has been evicted (observed: the bf16 decode went
+from 213 to 350 ms/token after the fp32 reference's 17 GB load ran just before it).
 Same processor, images, filler text and contexts as bench/runtime_bench.py:
   vision    model.encode_images(tiles) (all of an image's tiles in one batch, as the reference runs them).
   prefill   model.language over filler embeddings into an empty cache, in chunks of chunk_size (as generate()).
@@ -46,6 +50,8 @@ def bench_reference(checkpoint: str | Path, dtype: str, threads: int | None, wor
     phases = {"start": memory.rss()}
     t0 = time.perf_counter()
     model = DeepseekVL2.from_checkpoint(checkpoint, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+    for p in model.parameters():  # in memory, not served from the checkpoint's file mapping (see the docstring)
+        p.data = p.data.clone()
     load_s = time.perf_counter() - t0
     phases["loaded"] = memory.rss()
     proc = Processor.from_dir(checkpoint)

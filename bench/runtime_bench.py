@@ -24,6 +24,7 @@ import numpy as np
 
 from . import memory
 from .machine import load_average
+from .prepare import precision_name
 from .stats import summarize
 from .workload import Workload, decode_start, filler_ids, synthetic_image
 
@@ -170,10 +171,11 @@ def bench_runtime(artifact: str | Path, threads: int | None, provider: str | Non
     load_s = time.perf_counter() - t0
     phases["loaded"] = memory.rss()
     m = model.engine.artifact.manifest
-    label = f"runtime {m['quantization']['experts']['kind']}"
+    precision = precision_name(m["quantization"])
+    label = f"runtime {precision}"
     _log(progress, f"{label}: loaded {artifact} in {load_s:.1f} s, RSS {phases['loaded']['rss'] / 2**30:.2f} GiB")
     out = {
-        "precision": m["quantization"]["experts"]["kind"],
+        "precision": precision,
         "artifact": str(artifact),
         "artifact_bytes": dir_bytes(artifact),
         "artifact_created_utc": _mtime_utc(Path(artifact) / "manifest.json"),

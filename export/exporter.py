@@ -14,10 +14,20 @@ refused without force=True, and with it is replaced only after the new artifact 
 
 Precision policy (recorded in the manifest):
   cpu  target: fp32 I/O. Routed experts as asked (QMoE int4/int8, accuracy_level 4; or fp32 MoE). With quantized
-       experts, every other Linear is INT8 MatMulNBits at accuracy_level 4 — on CPU the fastest MatMulNBits path
-       (onnxruntime.md §1.2: 0.03–0.13 ms vs 0.35–0.65 ms for int4 at level 0 on a Tiny-sized matmul) at ~0.5%
-       weight error — and the embedding table is INT8 GatherBlockQuantized. With fp32 experts everything is fp32:
-       the parity artifact.
+       experts, the language model's other Linears (attention, dense MLP, shared experts) and lm_head are `dense`
+       bits (MatMulNBits at accuracy_level 4: int8 activations, on CPU the fast MatMulNBits
+       path, onnxruntime.md §1.2), and the embedding table is INT8 GatherBlockQuantized.
+         int8 (default): ~0.5% weight error per tensor.
+         int4 (`--dense int4`): a decode step reads every active weight once, so its time is bytes / bandwidth.
+               With int8 dense weights the int4 artifact reads 499 MB per token on real-dims Tiny, of which lm_head
+               is 165 MB (11.7 of 52 ms/token); measured at M=1 on 2 cores, lm_head takes 8.1 ms in int4 vs
+               12.3 ms in int8. The price: ~10% instead of ~0.5% weight error, and on the synthesized test models
+               each of lm_head / attention+MLP at int4 adds ~10% relative logit error (all-int4: 13-19%, against
+               2-4% for int4 experts alone), and int4 matmuls ~10% slower than int8 at M=512 (prefill). Hence
+               opt-in. (llama.cpp's Q4_K_M likewise keeps output.weight at 6 bits.) The embedding stays int8: one
+               row is read per token, so fewer bits would save memory but no time.
+       The vision tower stays INT8 whatever `dense` is: it runs at M = 729 rows per tile, compute-bound, where
+       fewer weight bytes buy no time. With fp32 experts everything is fp32: the parity artifact.
   cuda target: fp16 I/O, fp16 non-expert weights (tensor-core GEMMs; int8 activations do not exist there),
        experts as asked (QMoE int4/int8 or fp16 MoE).
 """
@@ -46,6 +56,7 @@ from .mlp import build_mlp_graph
 from .vision import build_vision_graph
 
 EXPERT_CHOICES = ("int4", "int8", "fp16", "fp32")
+DENSE_CHOICES = ("int4", "int8")
 COPIED_FILES = ("config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json")
 
@@ -54,9 +65,15 @@ class ExportError(ValueError):
     pass
 
 
-def precision_plan(experts: str, block_size: int, target: str) -> dict[str, Precision]:
+def precision_plan(experts: str, block_size: int, target: str, dense: str | None = None) -> dict[str, Precision]:
+    """Precision per weight group (see the module docstring). dense: cpu target with quantized experts only."""
     if experts not in EXPERT_CHOICES:
         raise ExportError(f"--experts {experts!r}: choose one of {EXPERT_CHOICES}")
+    if dense is not None and dense not in DENSE_CHOICES:
+        raise ExportError(f"--dense {dense!r}: choose one of {DENSE_CHOICES}")
+    if dense is not None and (target != "cpu" or experts not in ("int4", "int8")):
+        raise ExportError(f"--dense applies to --target cpu with int4/int8 experts, not {experts} experts on "
+                          f"{target}")
     if block_size not in (32, 64, 128):
         raise ExportError(f"--block-size {block_size}: choose 32, 64 or 128")
     if target == "cpu":
@@ -66,9 +83,10 @@ def precision_plan(experts: str, block_size: int, target: str) -> dict[str, Prec
             everything = Precision("fp32")
             return {"experts": everything, "linear": everything, "vision": everything, "embedding": everything,
                     "lm_head": everything}
+        dense_prec = Precision(dense or "int8", block_size, accuracy_level=4)
         int8 = Precision("int8", block_size, accuracy_level=4)
-        return {"experts": Precision(experts, block_size, accuracy_level=4), "linear": int8, "vision": int8,
-                "embedding": int8, "lm_head": int8}
+        return {"experts": Precision(experts, block_size, accuracy_level=4), "linear": dense_prec, "vision": int8,
+                "embedding": int8, "lm_head": dense_prec}
     if target == "cuda":
         fp16 = Precision("fp16")
         expert = fp16 if experts in ("fp16", "fp32") else Precision(experts, block_size, accuracy_level=0)
@@ -81,12 +99,13 @@ def _partial_dirs(out: Path) -> list[Path]:
 
 
 def export(src, out, experts: str = "int4", block_size: int = 64, target: str = "cpu", force: bool = False,
-           max_len: int | None = None, progress: bool = True, revision: str | None = None) -> Path:
+           max_len: int | None = None, progress: bool = True, revision: str | None = None,
+           dense: str | None = None) -> Path:
     import torch
     from safetensors.numpy import save_file
     from tqdm import tqdm
 
-    plan = precision_plan(experts, block_size, target)
+    plan = precision_plan(experts, block_size, target, dense)
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists (use --force to replace it)")

@@ -48,6 +48,27 @@ def resolve_providers(provider: str | None) -> tuple[list[str], str]:
     return ([PROVIDERS["cuda"], PROVIDERS["cpu"]] if name == "cuda" else [PROVIDERS["cpu"]]), name
 
 
+_SHARED_CPU_ARENA = False
+
+
+def use_shared_cpu_arena(opts: ort.SessionOptions) -> None:
+    """Make every session given these options allocate CPU activations from ONE arena registered on ORT's
+    process-wide environment, instead of one arena per session.
+
+    Why: an artifact is 3 + 2*layers sessions. A session's arena grows to its largest run and never gives memory
+    back, so after one image and one 512-token prefill chunk every session holds its own high-water mark: measured
+    on real-dims Tiny int4, RSS went from 2.49 GB after load to 4.15 GB after a 4k prefill, of which the KV cache was
+    0.5 GB. The sessions run one after another, so one shared arena sized by the largest single run is enough."""
+    global _SHARED_CPU_ARENA
+    if not _SHARED_CPU_ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        # kSameAsRequested extension (strategy 1): grow by what is asked, not by doubling, so the high-water mark
+        # is the real peak of one run rather than the next power of two above it.
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
+        _SHARED_CPU_ARENA = True
+    opts.add_session_config_entry("session.use_env_allocators", "1")
+
+
 @dataclass
 class StepTimings:
     """Seconds spent per stage, accumulated (the bench reads these)."""
@@ -91,6 +112,8 @@ class Engine:
         # from everything else (measured: 152 vs 1590 tok/s on test-tiny with a second busy process); spin=True
         # gives it back for dedicated cores.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        if self.provider == "cpu":
+            use_shared_cpu_arena(opts)
         self._opts = opts
         g = m["graphs"]
         self.vision = self._session(g["vision"]["file"])

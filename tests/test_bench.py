@@ -161,6 +161,23 @@ def test_cached_artifact_is_reused(bench_run, test_checkpoints):
     assert again == art and (art / "manifest.json").stat().st_mtime_ns == before
 
 
+def test_dense4_precision_is_its_own_cached_artifact(bench_run, test_checkpoints):
+    from vl2edge.bench.prepare import export_options, precision_name, prepare_artifact
+
+    assert export_options("int4-dense4") == {"experts": "int4", "dense": "int4"}
+    assert export_options("int8") == {"experts": "int8"}
+    doc, out = bench_run
+    art = Path(doc["runtime"]["int4"]["artifact"])
+    dense4 = prepare_artifact(test_checkpoints["test-tiny"], "int4-dense4", 32, cache_dir=art.parent.parent,
+                              progress=False)
+    assert dense4 != art
+    m = json.loads((dense4 / "manifest.json").read_text())
+    assert precision_name(m["quantization"]) == "int4-dense4" and m["quantization"]["lm_head"]["kind"] == "int4"
+    assert precision_name(json.loads((art / "manifest.json").read_text())["quantization"]) == "int4"
+    assert prepare_artifact(test_checkpoints["test-tiny"], "int4", 32, cache_dir=art.parent.parent,
+                            progress=False) == art
+
+
 def test_cli_parses_bench_options():
     from vl2edge.cli import build_parser
 

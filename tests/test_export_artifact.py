@@ -156,6 +156,45 @@ def test_export_refuses_bad_requests_and_existing_output(test_checkpoints, tmp_p
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".*partial*"))
 
 
+def test_engines_share_one_cpu_arena(artifacts, test_checkpoints):
+    """Every CPU session allocates from the one arena registered on ORT's environment (runtime/engine.py: per-session
+    arenas each kept their own high-water mark, +1.7 GB on real-dims Tiny). Registering it is once per process:
+    a second engine must neither fail nor change results."""
+    inp = prompt(test_checkpoints, "test-tiny")
+    logits = []
+    for _ in range(2):
+        eng = Engine(artifacts["test-tiny", "int4"])
+        assert eng._opts.get_session_config_entry("session.use_env_allocators") == "1"
+        logits.append(eng.prefill(eng.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask,
+                                            inp.images_spatial_crop)))
+    np.testing.assert_array_equal(logits[0], logits[1])
+
+
+def test_dense_int4_quantizes_the_other_linears_and_still_tracks_the_reference(test_checkpoints, artifacts,
+                                                                                 references, tmp_path):
+    art = export(test_checkpoints["test-small"], tmp_path / "dense4", experts="int4", dense="int4", block_size=32,
+                 progress=False)
+    q = open_artifact(art).manifest["quantization"]
+    assert {q[k]["kind"] for k in ("experts", "linear", "lm_head")} == {"int4"}
+    assert q["embedding"]["kind"] == q["vision"]["kind"] == "int8"  # no decode time to gain there
+    report = json.loads((art / "quality_report.json").read_text())
+    assert report["attention.qkv"]["cosine"]["min"] < 0.999  # really 4-bit, not the int8 kernel
+    head_bytes = (art / "head.onnx.data").stat().st_size
+    assert head_bytes < 0.7 * (artifacts["test-small", "int4"] / "head.onnx.data").stat().st_size
+    inp = prompt(test_checkpoints, "test-small")
+    ref = references["test-small"](inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop,
+                                   all_logits=False)[0, -1].numpy()
+    eng = Engine(art)
+    logits = eng.prefill(eng.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop))
+    # measured: 12.7% max-relative error, cosine 0.989 (int4 experts with int8 dense weights: 1.4%, 0.9998)
+    assert np.abs(logits - ref).max() / np.abs(ref).max() < 0.25
+    assert float(logits @ ref / np.linalg.norm(logits) / np.linalg.norm(ref)) > 0.97
+    with pytest.raises(ExportError, match="--dense applies"):
+        export(test_checkpoints["test-small"], tmp_path / "x", experts="fp32", dense="int4", progress=False)
+    with pytest.raises(ExportError, match="--dense 'int2'"):
+        export(test_checkpoints["test-small"], tmp_path / "y", dense="int2", progress=False)
+
+
 def test_failed_export_leaves_nothing(test_checkpoints, tmp_path, monkeypatch):
     import vl2edge.export.exporter as exporter
 
