@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--precisions", default=None, help="artifacts to export and measure, comma-separated: int4, "
                                                       "int8, fp32 (routed experts; other weights int8) or "
                                                       "int4-dense4 (`export --dense int4`); default "
-                                                      "int4,int4-dense4,int8; --quick int4")
+                                                      "int4,int8; --quick int4")
     b.add_argument("--threads", type=int, default=None, help="intra-op threads, runtime and reference (default: "
                                                              "the usable cores)")
     b.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])

@@ -153,7 +153,7 @@ def main(args) -> int:
     ref_dtypes = None if args.reference_dtypes is None else tuple(
         {"fp32": "float32", "bf16": "bfloat16"}.get(d, d) for d in args.reference_dtypes.split(","))
     out = args.out or "bench-out"
-    precisions = args.precisions or ("int4" if args.quick else "int4,int4-dense4,int8")
+    precisions = args.precisions or ("int4" if args.quick else "int4,int8")
     doc = run_bench(args.model, precisions.split(","), threads=args.threads, provider=args.provider, out=out,
                     quick=args.quick, reference=not args.no_reference, reference_dtypes=ref_dtypes,
                     layers=args.layers, block_size=args.block_size, workload=w, artifacts=artifacts,

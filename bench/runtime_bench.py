@@ -3,8 +3,8 @@
 Run it in a fresh process (bench/isolated.py does) so that its peak RSS is its own.
 
 What is timed (seconds; summaries from bench/stats.py):
-  vision    per image size: Engine.encode_images on the processor's tiles (the graph, batches of 4 as the engine
-            runs them), and separately the processor's preprocessing (decode, resize, tile, normalize).
+  vision    per image size: Engine.encode_images on the processor's tiles (the graph, in the engine's default
+            batches, as the engine runs them), and separately the processor's preprocessing (decode, resize, tile, normalize).
   prefill   Engine.prefill of `prefill_tokens` filler embeddings into an empty cache (chunks of chunk_size).
   ttft      Model.generate(question, [640x480 image], max_new_tokens=1, reuse_cache=False): its own ttft_s
             (request start -> first token: preprocess + vision + embed + prefill + sampling).

@@ -3,6 +3,7 @@
 For real-dims `tiny` on a 2-core CPU, the INT4 runtime (precision "int4") against the PyTorch fp32 eager reference:
 
   decode_speedup     INT4 decode tokens/s >= 5 x the reference fp32's, at the smallest context both measured
+                     (the reference's rate there bounded by its fastest at any longer context: reference_rate_bound)
   decode_roofline    INT4 decode >= 50% of the roofline's best rate, at that context
   ttft_ratio         INT4 time to first token (640x480 + question) <= 0.4 x the reference fp32's
   decode_4k_vs_512   INT4 decode step time at the largest context (4k) <= 1.15 x that at the smallest (512)
@@ -49,6 +50,15 @@ def _target(tid: str, value, detail: str) -> dict:
             "passed": check(op, value, threshold), "detail": detail}
 
 
+def reference_rate_bound(ref: dict, context: int) -> float:
+    """The reference's decode tokens/s at `context`, taken as the fastest it measured at `context` or any longer
+    one. A step at a longer context reads strictly more (the same weights plus a longer cache), so a faster figure
+    there means the shorter-context measurement was disturbed (observed on this shared 2-core VM: fp32 reference
+    284.7 ms/token @512 but 204.5 @2048 in one run, 245.2 / 174.9 @512 / @1024 in another). Using the bound can only
+    lower our speedup, never flatter it."""
+    return max(d["tokens_per_s"] for d in ref["decode"] if d["context"] >= context)
+
+
 def evaluate(doc: dict, precision: str = PRECISION, reference: str = REFERENCE) -> list[dict]:
     rt = doc.get("runtime", {}).get(precision)
     ref = doc.get("reference", {}).get(reference)
@@ -70,10 +80,13 @@ def evaluate(doc: dict, precision: str = PRECISION, reference: str = REFERENCE) 
 
     # decode speedup vs the reference
     if c0 is not None:
-        a, b = _decode_at(rt, c0)["tokens_per_s"], _decode_at(ref, c0)["tokens_per_s"]
+        a, b = _decode_at(rt, c0)["tokens_per_s"], reference_rate_bound(ref, c0)
         others = ", ".join(f"@{c}: {_decode_at(rt, c)['tokens_per_s'] / _decode_at(ref, c)['tokens_per_s']:.2f}x"
                            for c in both)
         detail = f"@{c0}: {a:.2f} vs {b:.2f} tokens/s ({others})"
+        if b > _decode_at(ref, c0)["tokens_per_s"]:
+            detail += f"; reference @{c0} measured {_decode_at(ref, c0)['tokens_per_s']:.2f} tokens/s, slower than " \
+                      f"at a longer context, so its fastest longer-context rate is used"
         ra, rb = row_at(rt_roof, c0), row_at(ref_roof, c0)
         if ra and rb:  # what two equally bandwidth-bound implementations would show
             detail += f"; bytes per token {rb['bytes_per_token'] / 1e6:.0f} vs {ra['bytes_per_token'] / 1e6:.0f} MB " \

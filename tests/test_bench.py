@@ -337,6 +337,14 @@ def test_targets_evaluated_by_hand():
     res = {t["id"]: t for t in _doc(rt, ref)["targets"]["results"]}
     assert res["decode_4k_vs_512"]["passed"] is False and res["peak_rss"]["passed"] is False
 
+    # a disturbed reference @512 (slower than @4096, which reads more): its @4096 rate bounds it, so the speedup is
+    # not flattered (80 ms vs 350 ms/token, not vs 600)
+    slow = _record({512: 600.0, 4096: 350.0}, ttft=20.0, prefill_tps=20.0, vision_ms=4000.0, peak=12 * 10**9,
+                   dtype="float32")
+    res = {t["id"]: t for t in _doc(rt, slow)["targets"]["results"]}
+    assert res["decode_speedup"]["value"] == pytest.approx(350 / 80) and res["decode_speedup"]["passed"] is False
+    assert "longer-context rate is used" in res["decode_speedup"]["detail"]
+
     # no reference: the comparisons are unknown, the rest still evaluated
     res = {t["id"]: t for t in _doc(rt, None)["targets"]["results"]}
     assert res["decode_speedup"]["passed"] is None and res["ttft_ratio"]["passed"] is None
