@@ -61,23 +61,31 @@ def checkpoint_key(ckpt: Path) -> str:
     return f"{ckpt.name}-{hashlib.sha1(str(ckpt).encode()).hexdigest()[:8]}"
 
 
-# A bench precision names an export: the routed experts' kind, and "-dense4" when the language model's other
-# Linears and lm_head are int4 too (`vl2edge export --dense int4`; plain int4/int8 keep them int8).
-DENSE4_SUFFIX = "-dense4"
+# A bench precision names an export: the routed experts' kind, then "-dense4" when the language model's other
+# Linears and lm_head are int4 too (`vl2edge export --dense int4`; plain int4/int8 keep them int8), then "-vdyn" when
+# the vision matmuls are int8-dynamic where calibration allows (`--vision int8-dynamic`). E.g. "int4-vdyn".
+SUFFIXES = {"-dense4": ("dense", "int4"), "-vdyn": ("vision", "int8-dynamic")}
 
 
 def export_options(precision: str) -> dict:
     """Bench precision -> export() keyword arguments."""
-    if precision.endswith(DENSE4_SUFFIX):
-        return {"experts": precision[:-len(DENSE4_SUFFIX)], "dense": "int4"}
-    return {"experts": precision}
+    opts = {}
+    for suffix, (key, value) in SUFFIXES.items():
+        if suffix in precision:
+            opts[key] = value
+            precision = precision.replace(suffix, "")
+    return {"experts": precision, **opts}
 
 
 def precision_name(quantization: dict) -> str:
     """A manifest's "quantization" record -> its bench precision name (the inverse of export_options)."""
     experts = quantization["experts"]["kind"]
-    dense = quantization.get("linear", {}).get("kind")
-    return experts + (DENSE4_SUFFIX if experts in ("int4", "int8") and dense == "int4" else "")
+    name = experts
+    if experts in ("int4", "int8") and quantization.get("linear", {}).get("kind") == "int4":
+        name += "-dense4"
+    if "vision_dynamic" in quantization:
+        name += "-vdyn"
+    return name
 
 
 def _matches(art: Path, ckpt: Path, precision: str, block_size: int, target: str) -> bool:

@@ -25,7 +25,8 @@ from .report import build_document, render_table, write_outputs
 from .workload import Workload
 
 QUICK_LAYERS = 2
-PRECISIONS = ("int4", "int8", "int4-dense4", "fp32", "fp16")  # see prepare.export_options
+PRECISIONS = ("int4", "int8", "int4-dense4", "int4-vdyn", "int8-vdyn", "int4-dense4-vdyn", "fp32",
+              "fp16")  # see prepare.export_options
 REFERENCE_DTYPES = ("float32", "bfloat16")
 
 

@@ -27,7 +27,9 @@ Precision policy (recorded in the manifest):
                opt-in. (llama.cpp's Q4_K_M likewise keeps output.weight at 6 bits.) The embedding stays int8: one
                row is read per token, so fewer bits would save memory but no time.
        The vision tower stays INT8 whatever `dense` is: it runs at M = 729 rows per tile, compute-bound, where
-       fewer weight bytes buy no time. With fp32 experts everything is fp32: the parity artifact.
+       fewer weight bytes buy no time. `vision="int8-dynamic"` (`--vision int8-dynamic`) runs its block Linears
+       as DynamicQuantizeMatMul where export/vision_calibration.py measures the per-tensor activation
+       quantization harmless on this checkpoint (recorded as quantization.vision_dynamic in the manifest). With fp32 experts everything is fp32: the parity artifact.
   cuda target: fp16 I/O, fp16 non-expert weights (tensor-core GEMMs; int8 activations do not exist there),
        experts as asked (QMoE int4/int8 or fp16 MoE).
 """
@@ -50,13 +52,15 @@ from .attention import build_attention_graph, cache_bytes_per_token, cache_shape
 from .embedding import KEY as EMBED_KEY
 from .embedding import build_embedding_graph
 from .head import build_head_graph
-from .linear import Precision
+from . import vision_calibration
+from .linear import DYNAMIC, Precision
 from .manifest import FORMAT_VERSION, file_sha256, graph_entry, write_manifest
 from .mlp import build_mlp_graph
 from .vision import build_vision_graph
 
 EXPERT_CHOICES = ("int4", "int8", "fp16", "fp32")
 DENSE_CHOICES = ("int4", "int8")
+VISION_CHOICES = ("int8", DYNAMIC)
 COPIED_FILES = ("config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json")
 
@@ -100,12 +104,17 @@ def _partial_dirs(out: Path) -> list[Path]:
 
 def export(src, out, experts: str = "int4", block_size: int = 64, target: str = "cpu", force: bool = False,
            max_len: int | None = None, progress: bool = True, revision: str | None = None,
-           dense: str | None = None) -> Path:
+           dense: str | None = None, vision: str = "int8") -> Path:
     import torch
     from safetensors.numpy import save_file
     from tqdm import tqdm
 
     plan = precision_plan(experts, block_size, target, dense)
+    if vision not in VISION_CHOICES:
+        raise ExportError(f"--vision {vision!r}: choose one of {VISION_CHOICES}")
+    if vision == DYNAMIC and (target != "cpu" or plan["vision"].kind != "int8"):
+        raise ExportError("--vision int8-dynamic is for --target cpu with quantized experts (its op, "
+                          "DynamicQuantizeMatMul, is a CPU kernel with fp32 I/O)")
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists (use --force to replace it)")
@@ -138,7 +147,15 @@ def export(src, out, experts: str = "int4", block_size: int = 64, target: str = 
             bar.update()
             return graph_entry(g, f"{name}.onnx")
 
-        graphs["vision"] = save(build_vision_graph(cfg, get, plan["vision"], io_dtype, report), "vision")
+        dynamic, calibration = frozenset(), None
+        if vision == DYNAMIC:
+            errors = vision_calibration.measure(cfg, get)
+            dynamic = frozenset(vision_calibration.choose(errors))
+            calibration = {"max_error": vision_calibration.MAX_ERROR, "dynamic": len(dynamic), "of": len(errors),
+                           "errors": {k: round(v, 5) for k, v in errors.items()}}
+            ckpt.close()
+        graphs["vision"] = save(build_vision_graph(cfg, get, plan["vision"], io_dtype, report, dynamic=dynamic),
+                                "vision")
         graphs["embedding"] = save(build_embedding_graph(cfg, get(EMBED_KEY), plan["embedding"], io_dtype, report),
                                    "embedding")
         for i in range(L.num_hidden_layers):
@@ -167,7 +184,8 @@ def export(src, out, experts: str = "int4", block_size: int = 64, target: str = 
             "source": {"checkpoint": str(ckpt.dir), "config": cfg.raw},
             "target": target,
             "io_dtype": np.dtype(io_dtype).name,
-            "quantization": {k: p.describe() for k, p in plan.items()},
+            "quantization": {k: p.describe() for k, p in plan.items()}
+            | ({"vision_dynamic": calibration} if calibration else {}),
             "attention": {"kind": "mla_absorbed_gqa" if L.use_mla else "mha_gqa", "max_len": max_len,
                           "cache": {"dtype": np.dtype(io_dtype).name,
                                     "buffers_per_layer": [list(s) for s in cache_shapes(cfg, max_len)]},

@@ -1,5 +1,10 @@
 """Emitting a Linear layer (y = x W^T + b) at a chosen precision.
 
+int8-dynamic (CPU, fp32 I/O): com.microsoft DynamicQuantizeMatMul, W int8 per output channel and the activations
+quantized to uint8 per tensor at run time: ORT's u8s8 QGEMM, which uses AMX/VNNI. At M = 729 (a vision tile) it was
+4x faster than MatMulNBits int8 (whose M > 1 path runs at fp32 GEMM speed), but one scale for a whole activation
+tensor is fragile with outlier channels, so export/vision_calibration.py picks it per layer on measured error.
+
 fp32 / fp16: MatMul with W^T as an initializer. int8 / int4: com.microsoft MatMulNBits with W block-quantized by
 quant/ (symmetric, so no zero-point input: the op's default 2^(bits-1) is the symmetric code origin). On CPU the
 8-bit kernel is only fast with accuracy_level 4 (int8 activations); at level 0 it dequantizes every call
@@ -13,14 +18,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..quant.blockwise import dequantize, quantize_blockwise
-from ..quant.pack import pack_matmulnbits
+from ..quant.pack import pack_dynamic_quantize_matmul, pack_matmulnbits
 from ..quant.report import QualityReport
 from .onnx_builder import MS_DOMAIN, GraphBuilder
 
 
+DYNAMIC = "int8-dynamic"
+
+
 @dataclass(frozen=True)
 class Precision:
-    kind: str = "fp32"  # fp32 | fp16 | int8 | int4
+    kind: str = "fp32"  # fp32 | fp16 | int8 | int4 | int8-dynamic
     block_size: int = 32
     accuracy_level: int = 4
 
@@ -30,6 +38,8 @@ class Precision:
 
     def describe(self) -> dict:
         d = {"kind": self.kind}
+        if self.kind == DYNAMIC:
+            return {**d, "weights": "int8 per output channel, symmetric", "activations": "uint8 per tensor, dynamic"}
         if self.bits:
             d.update(block_size=self.block_size, accuracy_level=self.accuracy_level, symmetric=True)
         return d
@@ -41,6 +51,17 @@ def emit_linear(g: GraphBuilder, x: str, weight: np.ndarray, prec: Precision, io
     """x [..., K] -> [..., N] for a torch-layout weight [N, K]."""
     weight = np.asarray(weight, dtype=np.float32)
     n, k = weight.shape
+    if prec.kind == DYNAMIC:
+        if np.dtype(io_dtype) != np.float32:
+            raise ValueError("int8-dynamic (DynamicQuantizeMatMul) needs fp32 I/O")
+        qt = quantize_blockwise(weight, bits=8, block_size=0, symmetric=True)
+        if report is not None:
+            report.add(report_kind or hint, hint, weight, dequantize(qt))
+        packed = pack_dynamic_quantize_matmul(qt)
+        inputs = [x, g.const(f"{hint}.qweight_t", packed.data), g.const(f"{hint}.scales", packed.scales)]
+        if bias is not None:
+            inputs += ["", g.const(f"{hint}.bias", bias.astype(np.float32))]  # b_zero_point omitted
+        return g.op("DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN, hint=hint)
     if prec.bits is None:
         w = g.const(f"{hint}.weight_t", weight.T.astype(io_dtype))
         y = g.op("MatMul", [x, w], hint=hint)

@@ -24,6 +24,7 @@ NP_TO_ONNX = {
     np.dtype(np.int64): TensorProto.INT64,
     np.dtype(np.int32): TensorProto.INT32,
     np.dtype(np.uint8): TensorProto.UINT8,
+    np.dtype(np.int8): TensorProto.INT8,
     np.dtype(np.bool_): TensorProto.BOOL,
 }
 

@@ -62,7 +62,7 @@ import numpy as np
 
 from ..model.config import VL2Config
 from ..quant.report import QualityReport
-from .linear import Precision, emit_linear
+from .linear import DYNAMIC, Precision, emit_linear
 from .onnx_builder import MS_DOMAIN, GraphBuilder
 
 INPUT_NAME = "pixel_values"
@@ -83,13 +83,21 @@ def _i64(*values: int) -> np.ndarray:
     return np.array(values, dtype=np.int64)
 
 
+LinearPrecision = Precision | Callable[[str], Precision]
+
+
+def _at(prec: LinearPrecision, hint: str) -> Precision:
+    """prec is one Precision for every Linear, or a function of the Linear's name (per-layer choices)."""
+    return prec(hint) if callable(prec) else prec
+
+
 def layer_norm(g: GraphBuilder, x: str, get, prefix: str, io_dtype) -> str:
     w = g.const(f"{prefix}.weight", get(prefix + ".weight").astype(io_dtype))
     b = g.const(f"{prefix}.bias", get(prefix + ".bias").astype(io_dtype))
     return g.op("LayerNormalization", [x, w, b], hint=prefix, axis=-1, epsilon=LN_EPS)
 
 
-def attention_block(g: GraphBuilder, x: str, get, prefix: str, width: int, heads: int, prec: Precision,
+def attention_block(g: GraphBuilder, x: str, get, prefix: str, width: int, heads: int, prec: LinearPrecision,
                     io_dtype, attention: str, report: QualityReport | None) -> str:
     """Self-attention of one block on x [n, T, C] (already normalized) -> proj output [n, T, C]."""
     hd = width // heads
@@ -99,7 +107,7 @@ def attention_block(g: GraphBuilder, x: str, get, prefix: str, width: int, heads
         w_qkv, b_qkv = w_qkv.copy(), b_qkv.copy()
         w_qkv[:width] *= scale
         b_qkv[:width] *= scale
-    qkv = emit_linear(g, x, w_qkv, prec, io_dtype, prefix + "qkv", bias=b_qkv, report=report,
+    qkv = emit_linear(g, x, w_qkv, _at(prec, prefix + "qkv"), io_dtype, prefix + "qkv", bias=b_qkv, report=report,
                       report_kind="vision.attn")
     q, k, v = g.op("Split", [qkv, g.const(f"{prefix}split", _i64(width, width, width))], n_out=3,
                    hint=prefix + "qkv_split", axis=-1)
@@ -118,20 +126,20 @@ def attention_block(g: GraphBuilder, x: str, get, prefix: str, width: int, heads
         o = g.op("Transpose", [g.op("MatMul", [p, vh], hint=prefix + "ctx")], perm=[0, 2, 1, 3],
                  hint=prefix + "ctx_bsnh")
         o = g.op("Reshape", [o, g.const(f"{prefix}merge_shape", _i64(0, 0, width))], hint=prefix + "ctx_merged")
-    return emit_linear(g, o, get(prefix + "proj.weight"), prec, io_dtype, prefix + "proj",
+    return emit_linear(g, o, get(prefix + "proj.weight"), _at(prec, prefix + "proj"), io_dtype, prefix + "proj",
                        bias=get(prefix + "proj.bias"), report=report, report_kind="vision.attn")
 
 
-def mlp_block(g: GraphBuilder, x: str, get, prefix: str, prec: Precision, io_dtype,
+def mlp_block(g: GraphBuilder, x: str, get, prefix: str, prec: LinearPrecision, io_dtype,
               report: QualityReport | None) -> str:
-    h = emit_linear(g, x, get(prefix + "fc1.weight"), prec, io_dtype, prefix + "fc1", bias=get(prefix + "fc1.bias"),
-                    report=report, report_kind="vision.mlp")
+    h = emit_linear(g, x, get(prefix + "fc1.weight"), _at(prec, prefix + "fc1"), io_dtype, prefix + "fc1",
+                    bias=get(prefix + "fc1.bias"), report=report, report_kind="vision.mlp")
     h = g.op("Gelu", [h], approximate="tanh", hint=prefix + "gelu")
-    return emit_linear(g, h, get(prefix + "fc2.weight"), prec, io_dtype, prefix + "fc2", bias=get(prefix + "fc2.bias"),
-                       report=report, report_kind="vision.mlp")
+    return emit_linear(g, h, get(prefix + "fc2.weight"), _at(prec, prefix + "fc2"), io_dtype, prefix + "fc2",
+                       bias=get(prefix + "fc2.bias"), report=report, report_kind="vision.mlp")
 
 
-def vision_block(g: GraphBuilder, x: str, get, i: int, width: int, heads: int, prec: Precision, io_dtype,
+def vision_block(g: GraphBuilder, x: str, get, i: int, width: int, heads: int, prec: LinearPrecision, io_dtype,
                  attention: str, report: QualityReport | None) -> str:
     b = f"vision.blocks.{i}."
     a = attention_block(g, layer_norm(g, x, get, b + "norm1", io_dtype), get, b + "attn.", width, heads, prec,
@@ -141,7 +149,7 @@ def vision_block(g: GraphBuilder, x: str, get, i: int, width: int, heads: int, p
     return g.op("Add", [x, m], hint=b + "mlp_residual")
 
 
-def projector(g: GraphBuilder, x: str, get, cfg: VL2Config, prec: Precision, io_dtype,
+def projector(g: GraphBuilder, x: str, get, cfg: VL2Config, prec: LinearPrecision, io_dtype,
               report: QualityReport | None) -> str:
     """[n, side*side, C] -> [n, out*out, D], out = ceil(side / r); the F.unfold channel-major feature order."""
     v, p = cfg.vision, cfg.projector
@@ -165,8 +173,15 @@ def projector(g: GraphBuilder, x: str, get, cfg: VL2Config, prec: Precision, io_
 
 
 def build_vision_graph(cfg: VL2Config, weights: WeightSource, prec: Precision, io_dtype=np.float32,
-                       report: QualityReport | None = None, attention: str = "mha") -> GraphBuilder:
-    """The vision + projector graph (see the module docstring). `attention`: "mha" (default) | "plain"."""
+                       report: QualityReport | None = None, attention: str = "mha",
+                       dynamic: frozenset[str] = frozenset()) -> GraphBuilder:
+    """The vision + projector graph (see the module docstring). `attention`: "mha" (default) | "plain".
+    `dynamic`: names of block Linears ("vision.blocks.3.mlp.fc1") emitted as int8-dynamic instead of `prec`
+    (export/vision_calibration.py chooses them); the projector always uses `prec`."""
+    if dynamic:
+        block_prec = lambda hint: Precision(DYNAMIC) if hint in dynamic else prec  # noqa: E731
+    else:
+        block_prec = prec
     io_dtype = np.dtype(io_dtype)
     if io_dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
         raise ValueError(f"io_dtype must be float32 or float16, got {io_dtype}")
@@ -190,7 +205,7 @@ def build_vision_graph(cfg: VL2Config, weights: WeightSource, prec: Precision, i
     x = g.op("Add", [x, g.const("vision.pos_embed", get("vision.pos_embed").astype(io_dtype))], hint="vision.pos")
 
     for i in range(v.layers):
-        x = vision_block(g, x, get, i, v.width, v.heads, prec, io_dtype, attention, report)
+        x = vision_block(g, x, get, i, v.width, v.heads, block_prec, io_dtype, attention, report)
     x = layer_norm(g, x, get, "vision.norm", io_dtype)
 
     y = projector(g, x, get, cfg, prec, io_dtype, report)

@@ -28,6 +28,12 @@ GatherBlockQuantized (com.microsoft), uint8 data, gather_axis 0, quantize_axis =
   zero_points  uint8 [V, ceil(ceil(D/block_size)*bits/8)] packed along the blocks; None if symmetric
   attributes   bits, block_size (power of 2, >= 16), gather_axis 0, quantize_axis 1
 
+DynamicQuantizeMatMul (com.microsoft)    Y = dequant(A) @ dequant(B), A quantized at run time to uint8 per tensor
+  B            int8 [K, N]                              W TRANSPOSED, one signed code per byte (code - 128 of the
+                                                        symmetric uint8 form), row-wise quantized W (block_size 0)
+  b_scale      float32 [N]                              one scale per output channel
+  b_zero_point omitted (0: symmetric)
+
 Scales come back float32; a caller building an fp16 graph casts them (quantize with scale_dtype=np.float16 to make
 that cast exact). `unpack_*` invert `pack_*` back to a QuantizedTensor (then blockwise.dequantize).
 """
@@ -113,6 +119,15 @@ def pack_matmulnbits(qt: QuantizedTensor) -> PackedWeights:
     b = pack_bits(q.reshape(n, k_blocks, block), qt.bits)
     zero_points = None if qt.symmetric else pack_bits(qt.zero_points, qt.bits)
     return PackedWeights(b, qt.scales.astype(np.float32), zero_points)
+
+
+def pack_dynamic_quantize_matmul(qt: QuantizedTensor) -> PackedWeights:
+    """Row-wise symmetric 8-bit QuantizedTensor of W [N, K] -> (B int8 [K, N], b_scale [N], None)."""
+    if qt.bits != 8 or not qt.symmetric or qt.k_blocks != 1 or qt.q.ndim != 2:
+        raise ValueError("DynamicQuantizeMatMul takes a 2-D, 8-bit, symmetric, row-wise quantized weight "
+                         f"(got bits {qt.bits}, symmetric {qt.symmetric}, {qt.k_blocks} blocks, shape {qt.q.shape})")
+    signed = (qt.q.astype(np.int16) - 128).astype(np.int8)
+    return PackedWeights(np.ascontiguousarray(signed.T), qt.scales[:, 0].astype(np.float32), None)
 
 
 def unpack_matmulnbits(b, scales, zero_points, *, k: int, bits: int, block_size: int) -> QuantizedTensor:

@@ -166,6 +166,9 @@ def test_dense4_precision_is_its_own_cached_artifact(bench_run, test_checkpoints
 
     assert export_options("int4-dense4") == {"experts": "int4", "dense": "int4"}
     assert export_options("int8") == {"experts": "int8"}
+    assert export_options("int4-dense4-vdyn") == {"experts": "int4", "dense": "int4", "vision": "int8-dynamic"}
+    assert precision_name({"experts": {"kind": "int4"}, "linear": {"kind": "int4"}, "vision_dynamic": {}}) == \
+        "int4-dense4-vdyn"
     doc, out = bench_run
     art = Path(doc["runtime"]["int4"]["artifact"])
     dense4 = prepare_artifact(test_checkpoints["test-tiny"], "int4-dense4", 32, cache_dir=art.parent.parent,
