@@ -24,12 +24,15 @@ Precision policy (recorded in the manifest):
                12.3 ms in int8. The price: ~10% instead of ~0.5% weight error, and on the synthesized test models
                each of lm_head / attention+MLP at int4 adds ~10% relative logit error (all-int4: 13-19%, against
                2-4% for int4 experts alone), and int4 matmuls ~10% slower than int8 at M=512 (prefill). Hence
-               opt-in. (llama.cpp's Q4_K_M likewise keeps output.weight at 6 bits.) The embedding stays int8: one
+               opt-in. (llama.cpp's Q4_K_M likewise keeps output.weight at 6 bits.) And on 2 cores the whole
+               decode step was not faster (bench: 54.3 vs 51.1 ms/token, within this VM's noise): the M=1
+               kernels stream 10-16 GB/s, compute-bound on unpacking, not on bytes. The embedding stays int8: one
                row is read per token, so fewer bits would save memory but no time.
        The vision tower stays INT8 whatever `dense` is: it runs at M = 729 rows per tile, compute-bound, where
        fewer weight bytes buy no time. `vision="int8-dynamic"` (`--vision int8-dynamic`) runs its block Linears
        as DynamicQuantizeMatMul where export/vision_calibration.py measures the per-tensor activation
-       quantization harmless on this checkpoint (recorded as quantization.vision_dynamic in the manifest). With fp32 experts everything is fp32: the parity artifact.
+       quantization harmless on this checkpoint (recorded as quantization.vision_dynamic in the manifest).
+       With fp32 experts everything is fp32: the parity artifact.
   cuda target: fp16 I/O, fp16 non-expert weights (tensor-core GEMMs; int8 activations do not exist there),
        experts as asked (QMoE int4/int8 or fp16 MoE).
 """
