@@ -77,6 +77,17 @@ def export_options(precision: str) -> dict:
     return {"experts": precision, **opts}
 
 
+BASE_PRECISIONS = ("int4", "int8", "fp32", "fp16")
+
+
+def check_precision(precision: str) -> None:
+    """A known experts kind, with suffixes only where the export accepts them (quantized experts)."""
+    opts = export_options(precision)
+    if opts["experts"] not in BASE_PRECISIONS or (len(opts) > 1 and opts["experts"] not in ("int4", "int8")):
+        raise ValueError(f"precision {precision!r}: one of {BASE_PRECISIONS}, int4/int8 optionally followed by "
+                         f"{' and/or '.join(SUFFIXES)} (e.g. int4-dense4-vdyn)")
+
+
 def precision_name(quantization: dict) -> str:
     """A manifest's "quantization" record -> its bench precision name (the inverse of export_options)."""
     experts = quantization["experts"]["kind"]

@@ -20,13 +20,11 @@ from pathlib import Path
 
 from .isolated import run_isolated
 from .machine import bandwidth_summary, load_average, machine_info, measure_bandwidth
-from .prepare import _log, prepare_artifact, prepare_checkpoint
+from .prepare import _log, check_precision, prepare_artifact, prepare_checkpoint
 from .report import build_document, render_table, write_outputs
 from .workload import Workload
 
 QUICK_LAYERS = 2
-PRECISIONS = ("int4", "int8", "int4-dense4", "int4-vdyn", "int8-vdyn", "int4-dense4-vdyn", "fp32",
-              "fp16")  # see prepare.export_options
 REFERENCE_DTYPES = ("float32", "bfloat16")
 
 
@@ -58,8 +56,7 @@ def run_bench(model: str = "tiny", precisions=("int4", "int8"), *, threads: int 
     """
     precisions = [p.lower() for p in precisions]
     for p in precisions:
-        if p not in PRECISIONS:
-            raise ValueError(f"precision {p!r}: choose from {PRECISIONS}")
+        check_precision(p)
     if reference_dtypes is None:
         reference_dtypes = ("float32",) if quick else REFERENCE_DTYPES
     for d in reference_dtypes:
