@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -208,16 +207,31 @@ def test_failed_export_leaves_nothing(test_checkpoints, tmp_path, monkeypatch):
 
 
 def test_killed_export_leaves_no_artifact_and_force_replaces_atomically(test_checkpoints, tmp_path):
+    """Killed at a known point, not after a guessed delay: the child wraps GraphBuilder.save so that once
+    layer01's first graph is on disk it says so on stdout and blocks on stdin, which the test never writes. The test
+    waits for that line (or for EOF if the child died), so the outcome does not depend on the machine's speed."""
     out = tmp_path / "art"
-    code = ("import sys; from vl2edge.export.exporter import export; "
-            f"export({str(test_checkpoints['test-vl2'])!r}, {str(out)!r}, experts='int4', block_size=32, progress=False)")
-    proc = subprocess.Popen([sys.executable, "-c", code])
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob(".art.partial-*/layer01_*.onnx")):
-        time.sleep(0.05)
-    assert list(tmp_path.glob(".art.partial-*")), "the export never started writing"
+    code = ("import sys\n"
+            "from vl2edge.export import onnx_builder\n"
+            "from vl2edge.export.exporter import export\n"
+            "save = onnx_builder.GraphBuilder.save\n"
+            "def save_then_wait(self, path, *a, **k):\n"
+            "    r = save(self, path, *a, **k)\n"
+            "    if str(path).rsplit('/', 1)[-1].startswith('layer01_'):\n"
+            "        print('written', path, flush=True)\n"
+            "        sys.stdin.read()  # blocks until the test kills this process\n"
+            "    return r\n"
+            "onnx_builder.GraphBuilder.save = save_then_wait\n"
+            f"export({str(test_checkpoints['test-vl2'])!r}, {str(out)!r}, experts='int4', block_size=32, "
+            "progress=False)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # the child's signal; '' only if it exited without reaching layer01
+    assert line.startswith("written"), f"the export ended before writing layer01 (exit {proc.poll()})"
+    assert list(tmp_path.glob(".art.partial-*/layer01_*.onnx")), "the export never started writing"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    proc.stdin.close()
+    proc.stdout.close()
     assert not out.exists()  # killed midway: no artifact, only a hidden partial directory without a manifest
     assert not list(tmp_path.glob(".art.partial-*/manifest.json"))
     export(test_checkpoints["test-vl2"], out, experts="int8", block_size=32, progress=False)
