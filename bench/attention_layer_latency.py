@@ -26,7 +26,8 @@ import zlib
 import numpy as np
 import onnxruntime as ort
 
-from ..export.attention import build_attention_graph, cache_ortvalues, cache_shapes, run_attention_step
+from ..export.attention import (bind_cache, bind_step_inputs, build_attention_graph, cache_ortvalues, cache_shapes,
+                                run_attention_step, session_attention_kind)
 from ..export.linear import Precision
 from ..model.checkpoint_layout import layer_shapes
 from ..model.config import VL2Config
@@ -71,22 +72,11 @@ def time_case(cfg: VL2Config, prec: Precision, max_len: int, pasts: list[int], t
                 step_ms.append((time.perf_counter() - t0) * 1e3)
         # the graph alone: one binding, reused
         b = sess.io_binding()
-        b.bind_cpu_input("hidden", x)
-        b.bind_cpu_input("position_ids", np.array([[past]], np.int64))
-        b.bind_cpu_input("seqlens_k", np.array([past], np.int32))
-        b.bind_cpu_input("total_sequence_length", np.array(past + 1, np.int32))
+        bind_step_inputs(b, x, past)
         for o in sess.get_outputs():
-            if o.name.startswith("present_"):
-                continue
-            b.bind_output(o.name)
-        past_names = [i.name for i in sess.get_inputs() if i.name.startswith("past_")]
-        for name, buf in zip(past_names, buffers):
-            b.bind_ortvalue_input(name, buf)
-        # MLA: one latent buffer behind both presents; MHA: key -> buffers[0], value -> buffers[1]
-        present = {"present_latent_key": 0, "present_latent_value": 0, "present_key": 0, "present_value": 1}
-        for o in sess.get_outputs():
-            if o.name in present:
-                b.bind_ortvalue_output(o.name, buffers[present[o.name]])
+            if o.name in ("hidden_out", "mlp_in", "router_logits"):
+                b.bind_output(o.name)
+        bind_cache(b, session_attention_kind(sess), buffers, past, 1)
         ptr = [v.data_ptr() for v in buffers]
         run_ms = []
         for i in range(warmup + steps):

@@ -117,7 +117,7 @@ def build_attention_graph(cfg: VL2Config, layer: int, get: Callable[[str], np.nd
 
     x = g.rms_norm(hidden, get(pfx + "input_layernorm.weight"), L.rms_norm_eps, io_dtype,
                    hint=pfx + "input_layernorm")
-    build = _mla if L.use_mla else _mha
+    build = _mha if not L.use_mla else _mla_gqa if mla_form(io_dtype) == MLA_GQA else _mla_latent
     attn, presents, cache_shape = build(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids,
                                         seqlens_k, total)
     o = emit_linear(g, attn, get(pfx + "self_attn.o_proj.weight"), prec, io_dtype, hint=pfx + "self_attn.o_proj",
@@ -135,9 +135,22 @@ def build_attention_graph(cfg: VL2Config, layer: int, get: Callable[[str], np.nd
         logits = g.op("MatMul", [r_in, gate_t], hint="router_matmul")
         g.op("Reshape", [logits, g.const("router_shape", np.array([-1, E], np.int64))], out_names=["router_logits"])
         g.output("router_logits", "router_logits", np.float32, ["T", E])
-    for name in presents:  # GQA's own outputs, no Identity: the bound cache buffer is written in place
+    for name in presents:  # the ops' own outputs, no Identity: the bound cache buffer is written in place
         g.output(name, name, io_dtype, cache_shape)
     return g
+
+
+MHA_GQA, MLA_GQA, MLA_LATENT = "mha_gqa", "mla_absorbed_gqa", "mla_latent_matmul"
+
+
+def mla_form(io_dtype) -> str:
+    """Which MLA attention an fp32 (CPU) or fp16 (CUDA) graph gets; see the module docstring."""
+    return MLA_LATENT if np.dtype(io_dtype) == np.float32 else MLA_GQA
+
+
+def attention_kind(cfg: VL2Config | LanguageConfig, io_dtype) -> str:
+    """The manifest's attention.kind for this model and I/O dtype."""
+    return mla_form(io_dtype) if _lang(cfg).use_mla else MHA_GQA
 
 
 def _mha(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids, seqlens_k, total):
@@ -161,14 +174,16 @@ def _mha(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids, seqle
     return out[0], out[1:], cache_shape
 
 
-def _mla(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids, seqlens_k, total):
+def _mla_query_and_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids):
+    """The absorbed query [T, nh, r + rope] and the new cache rows [1, T, r + rope] of an MLA layer, plus W_UV
+    (both MLA forms share this; see the module docstring)."""
     from .linear import emit_linear
     from .onnx_builder import MS_DOMAIN
     if L.q_lora_rank is not None:
         raise NotImplementedError("q_lora_rank is set: no DeepSeek-VL2 checkpoint compresses q (all set it null)")
     nh, nope, rope, v, r = (L.num_attention_heads, L.qk_nope_head_dim, L.qk_rope_head_dim, L.v_head_dim,
                             L.kv_lora_rank)
-    qhd, width = nope + rope, r + rope
+    qhd = nope + rope
     a = pfx + "self_attn."
     i64 = lambda *xs: np.array(xs, np.int64)  # noqa: E731
     perm = deinterleave_perm(rope)
@@ -195,7 +210,6 @@ def _mla(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids, seqle
                 interleaved=0)
     q_pe = g.op("Reshape", [q_pe, g.const("qpe_heads", i64(-1, nh, rope))])
     q_full = g.op("Concat", [q_lat, q_pe], axis=2)  # [T, nh, r + rope], matching the cache's [c_kv | k_pe]
-    q_full = g.op("Reshape", [q_full, g.const("q_full_shape", i64(1, -1, nh * width))])
 
     # the new cache rows: [RMSNorm(c_kv) | RoPE(k_pe)] (k_pe rows de-interleaved like q_pe)
     w_kva = np.asarray(get(a + "kv_a_proj_with_mqa.weight"), np.float32).copy()
@@ -206,22 +220,85 @@ def _mla(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids, seqle
     c_kv = g.rms_norm(c_kv, get(a + "kv_a_layernorm.weight"), KV_A_NORM_EPS, io_dtype, hint=a + "kv_a_layernorm")
     k_pe = g.op("RotaryEmbedding", [k_pe, position_ids, cos_c, sin_c], domain=MS_DOMAIN, hint="k_rope",
                 interleaved=0)
-    latent = g.op("Concat", [c_kv, k_pe], axis=2, hint="latent_new")  # [1, T, r + rope]
+    return q_full, (c_kv, k_pe), w_uv
 
+
+def _attended_latents_to_heads(g, L, pfx, ctx, w_uv, io_dtype):
+    """ctx [T * nh, r] (row t * nh + h: head h's attended latents at token t) @ W_UV^T per head -> [1, T, nh * v]."""
+    nh, r = L.num_attention_heads, L.kv_lora_rank
+    i64 = lambda *xs: np.array(xs, np.int64)  # noqa: E731
+    ctx = g.op("Transpose", [g.op("Reshape", [ctx, g.const("ctx_heads", i64(-1, nh, r))])], perm=[1, 0, 2])
+    o = g.op("MatMul", [ctx, g.const(pfx + "self_attn.w_uv_t", np.ascontiguousarray(w_uv.transpose(0, 2, 1))
+                                     .astype(io_dtype))], hint="v_absorb")  # [nh, T, v]
+    o = g.op("Transpose", [o], perm=[1, 0, 2])
+    return g.op("Reshape", [o, g.const("attn_shape", i64(1, -1, nh * L.v_head_dim))])
+
+
+def _mla_gqa(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids, seqlens_k, total):
+    from .onnx_builder import MS_DOMAIN
+    nh, r, width = L.num_attention_heads, L.kv_lora_rank, L.kv_lora_rank + L.qk_rope_head_dim
+    i64 = lambda *xs: np.array(xs, np.int64)  # noqa: E731
+    q_full, (c_kv, k_pe), w_uv = _mla_query_and_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x,
+                                                       position_ids)
+    q_full = g.op("Reshape", [q_full, g.const("q_full_shape", i64(1, -1, nh * width))])
+    latent = g.op("Concat", [c_kv, k_pe], axis=2, hint="latent_new")  # [1, T, r + rope]
     cache_shape = [1, 1, max_len, width]
     past = g.input("past_latent", io_dtype, cache_shape)
     out = g.op("GroupQueryAttention", [q_full, latent, latent, past, past, seqlens_k, total], n_out=3,
                domain=MS_DOMAIN, hint="gqa", out_names=["attn", "present_latent_key", "present_latent_value"],
                num_heads=nh, kv_num_heads=1, scale=float(L.softmax_scale), do_rotary=0)
+    # attended latents = the first r channels of each head's output
+    ctx = g.op("Reshape", [out[0], g.const("ctx_shape", i64(-1, width))])
+    ctx = g.op("Slice", [ctx, g.const("ctx_start", i64(0)), g.const("ctx_end", i64(r)), g.const("ctx_axis", i64(1))])
+    return _attended_latents_to_heads(g, L, pfx, ctx, w_uv, io_dtype), out[1:], cache_shape
 
-    # attended latents (first r channels of each head's output) @ W_UV^T -> [1, T, nh * v]
-    ctx = g.op("Reshape", [out[0], g.const("ctx_shape", i64(-1, nh, width))])
+
+def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids, seqlens_k, total):
+    """MLA over the latent cache with plain GEMMs: all heads' queries as one [T * nh, r + rope] matrix against the
+    cache's valid prefix, so each step reads the cache once per product (twice in all), where GQA with one KV head
+    reads it once per query head. The graph never writes the cache: `past_latent` is the valid prefix [P, width]
+    (bound read-only over the buffer's first P rows) and `latent_new` [T, width] is bound over the next T rows,
+    so the new rows land in the buffer with no copy. Softmax is taken jointly over the two parts (past, new) without
+    concatenating their scores: m = max over both, p = exp(s - m), ctx = (p_past @ past + p_new @ new) / sum p."""
+    nh, r, width = L.num_attention_heads, L.kv_lora_rank, L.kv_lora_rank + L.qk_rope_head_dim
+    i64 = lambda *xs: np.array(xs, np.int64)  # noqa: E731
+    q_full, (c_kv, k_pe), w_uv = _mla_query_and_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x,
+                                                       position_ids)
+    q = g.op("Reshape", [q_full, g.const("q_rows", i64(-1, width))], hint="q_rows")  # [T * nh, width]
+    latent = g.op("Concat", [c_kv, k_pe], axis=2, hint="latent_cat")  # [1, T, width]
+    new = g.op("Reshape", [latent, g.const("latent_rows", i64(-1, width))], out_names=["latent_new"])  # [T, width]
+    past = g.input("past_latent", io_dtype, ["P", width])
+    scale = float(L.softmax_scale)
+    # past part, 2-D [T * nh, P]: Gemm reads the cache row-major as it lies (transB), no transposed copy
+    s_past = g.op("Gemm", [q, past], hint="scores_past", transB=1, alpha=scale)
+    # new part, 3-D [T, nh, T], causal within the chunk: token i sees new tokens j <= i (and all of the past)
+    s_new = g.op("Mul", [g.op("MatMul", [q_full, g.op("Transpose", [new], perm=[1, 0])]),
+                         g.const("scale", np.array(scale, io_dtype))], hint="scores_new")
+    t = g.op("Shape", [new], start=0, end=1, hint="chunk_len")
+    pos = g.op("Range", [g.const("zero", np.array(0, np.int64)), g.op("Squeeze", [t]), g.const("one", np.array(1, np.int64))])
+    later = g.op("Greater", [g.op("Unsqueeze", [pos, g.const("ax0", i64(0))]),
+                             g.op("Unsqueeze", [pos, g.const("ax1", i64(1))])], hint="later")  # [T, T]: j > i
+    mask = g.op("Where", [later, g.const("neg_inf", np.array(-np.inf, io_dtype)),
+                          g.const("zero_f", np.array(0, io_dtype))], hint="causal_mask")
+    s_new = g.op("Add", [s_new, g.op("Unsqueeze", [mask, g.const("ax1b", i64(1))])], hint="scores_new_masked")
+
+    # one softmax over both parts: m = max, p = exp(s - m), ctx = (p_past @ past + p_new @ new) / sum(p)
+    rows3, rows2 = g.const("rows3", i64(-1, nh, 1)), g.const("rows2", i64(-1, 1))
+    # positive axes: ORT 1.31 reduces an empty [R, 0] (first prefill, P = 0) along axis 1 to [R, 1] of -inf (max)
+    # and 0 (sum), as ONNX specifies, but along axis -1 to an empty [R, 0]
+    ax1, ax2 = g.const("axis1", i64(1)), g.const("axis2", i64(2))
+    m = g.op("Max", [g.op("Reshape", [g.op("ReduceMax", [s_past, ax1], keepdims=1), rows3]),
+                     g.op("ReduceMax", [s_new, ax2], keepdims=1)], hint="row_max")  # [T, nh, 1]
+    p_past = g.op("Exp", [g.op("Sub", [s_past, g.op("Reshape", [m, rows2])])], hint="p_past")  # [T * nh, P]
+    p_new = g.op("Exp", [g.op("Sub", [s_new, m])], hint="p_new")  # [T, nh, T]
+    den = g.op("Add", [g.op("Reshape", [g.op("ReduceSum", [p_past, ax1], keepdims=1), rows3]),
+                       g.op("ReduceSum", [p_new, ax2], keepdims=1)], hint="denominator")  # [T, nh, 1]
+    ctx_past = g.op("Reshape", [g.op("MatMul", [p_past, past], hint="ctx_past"),
+                                g.const("ctx_heads3", i64(-1, nh, width))])  # [T, nh, width]
+    ctx = g.op("Add", [ctx_past, g.op("MatMul", [p_new, new], hint="ctx_new")])
     ctx = g.op("Slice", [ctx, g.const("ctx_start", i64(0)), g.const("ctx_end", i64(r)), g.const("ctx_axis", i64(2))])
-    ctx = g.op("Transpose", [ctx], perm=[1, 0, 2])  # [nh, T, r]
-    o = g.op("MatMul", [ctx, g.const(a + "w_uv_t", np.ascontiguousarray(w_uv.transpose(0, 2, 1)).astype(io_dtype))],
-             hint="v_absorb")  # [nh, T, v]
-    o = g.op("Transpose", [o], perm=[1, 0, 2])
-    return g.op("Reshape", [o, g.const("attn_shape", i64(1, -1, nh * v))]), out[1:], cache_shape
+    ctx = g.op("Div", [ctx, den], hint="ctx")  # [T, nh, r]: the attended latents
+    return _attended_latents_to_heads(g, L, pfx, ctx, w_uv, io_dtype), ["latent_new"], ["T", width]
 
 
 # --- cache buffers and running one step ----------------------------------------------------------------------
@@ -261,6 +338,44 @@ def cache_ortvalues(arrays: Sequence[np.ndarray]) -> list:
 _ONNX_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
+def session_attention_kind(session) -> str:
+    """MHA_GQA, MLA_GQA or MLA_LATENT, read off an attention session's outputs."""
+    outs = {o.name for o in session.get_outputs()}
+    return MLA_LATENT if "latent_new" in outs else MLA_GQA if "present_latent_key" in outs else MHA_GQA
+
+
+def bind_cache(binding, kind: str, buffers: Sequence, past_len: int, t: int, device: str = "cpu") -> None:
+    """Bind one layer's cache buffers (OrtValues of cache_shapes) for a step of `t` tokens after `past_len`.
+    GQA forms: the same OrtValue as past_* input and present_* output(s); GQA appends in place. MLA_LATENT: the
+    buffer's first past_len rows as the read-only `past_latent`, and its next t rows as the `latent_new` output,
+    by address, so the graph writes the new rows straight into the buffer (no copy, nothing reallocated)."""
+    if kind == MLA_LATENT:
+        (buf,) = buffers
+        dtype = np.float16 if buf.data_type() == "tensor(float16)" else np.float32
+        width = buf.shape()[-1]
+        row = width * np.dtype(dtype).itemsize
+        binding.bind_input("past_latent", device, 0, dtype, [past_len, width], buf.data_ptr())
+        binding.bind_output("latent_new", device, 0, dtype, [t, width], buf.data_ptr() + past_len * row)
+    elif kind == MLA_GQA:
+        (buf,) = buffers
+        binding.bind_ortvalue_input("past_latent", buf)
+        binding.bind_ortvalue_output("present_latent_key", buf)
+        binding.bind_ortvalue_output("present_latent_value", buf)
+    else:
+        for name, buf in zip(("key", "value"), buffers, strict=True):
+            binding.bind_ortvalue_input(f"past_{name}", buf)
+            binding.bind_ortvalue_output(f"present_{name}", buf)
+
+
+def bind_step_inputs(binding, hidden: np.ndarray, past_len: int) -> None:
+    """The four small inputs of a step of hidden [1, T, H] at positions past_len .. past_len + T - 1."""
+    t = hidden.shape[1]
+    binding.bind_cpu_input("hidden", hidden)
+    binding.bind_cpu_input("position_ids", np.arange(past_len, past_len + t, dtype=np.int64)[None])
+    binding.bind_cpu_input("seqlens_k", np.array([past_len + t - 1], np.int32))
+    binding.bind_cpu_input("total_sequence_length", np.array(past_len + t, np.int32))
+
+
 def run_attention_step(session, buffers: Sequence, hidden: np.ndarray, past_len: int):
     """Run one attention graph on `hidden` [1, T, H] at positions past_len .. past_len+T-1, appending to the cache
     in place. `buffers`: this layer's cache OrtValues (MHA [key, value], MLA [latent]; numpy arrays are wrapped,
@@ -277,27 +392,16 @@ def run_attention_step(session, buffers: Sequence, hidden: np.ndarray, past_len:
     max_len = buffers[0].shape()[2]
     if past_len < 0 or past_len + t > max_len:
         raise ValueError(f"{past_len} + {t} tokens do not fit the cache of {max_len}")
+    kind = session_attention_kind(session)
+    if len(buffers) != (2 if kind == MHA_GQA else 1):
+        raise ValueError(f"a {kind} layer has {'two cache buffers (key, value)' if kind == MHA_GQA else 'one cache buffer (latent)'}")
 
     b = session.io_binding()
-    b.bind_cpu_input("hidden", hidden)
-    b.bind_cpu_input("position_ids", np.arange(past_len, past_len + t, dtype=np.int64)[None])
-    b.bind_cpu_input("seqlens_k", np.array([past_len + t - 1], np.int32))
-    b.bind_cpu_input("total_sequence_length", np.array(past_len + t, np.int32))
+    bind_step_inputs(b, hidden, past_len)
     results = ["hidden_out", "mlp_in"] + (["router_logits"] if "router_logits" in out_names else [])
     for name in results:  # bound first: get_outputs() returns them first, in this order
         b.bind_output(name)
-    if "past_latent" in in_types:
-        if len(buffers) != 1:
-            raise ValueError("an MLA layer has one cache buffer (latent)")
-        b.bind_ortvalue_input("past_latent", buffers[0])
-        b.bind_ortvalue_output("present_latent_key", buffers[0])
-        b.bind_ortvalue_output("present_latent_value", buffers[0])
-    else:
-        if len(buffers) != 2:
-            raise ValueError("an MHA layer has two cache buffers (key, value)")
-        for name, buf in zip(("key", "value"), buffers):
-            b.bind_ortvalue_input(f"past_{name}", buf)
-            b.bind_ortvalue_output(f"present_{name}", buf)
+    bind_cache(b, kind, buffers, past_len, t)
     session.run_with_iobinding(b)
     # get_outputs (OrtValues, in binding order), not copy_outputs_to_cpu: that would copy the whole cache too
     outs = [v.numpy() for v in b.get_outputs()[:len(results)]]

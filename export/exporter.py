@@ -51,7 +51,7 @@ import numpy as np
 from ..model.checkpoint import Checkpoint
 from ..model.config import VL2Config
 from ..quant.report import QualityReport
-from .attention import build_attention_graph, cache_bytes_per_token, cache_shapes
+from .attention import attention_kind, build_attention_graph, cache_bytes_per_token, cache_shapes
 from .embedding import KEY as EMBED_KEY
 from .embedding import build_embedding_graph
 from .head import build_head_graph
@@ -189,7 +189,7 @@ def export(src, out, experts: str = "int4", block_size: int = 64, target: str = 
             "io_dtype": np.dtype(io_dtype).name,
             "quantization": {k: p.describe() for k, p in plan.items()}
             | ({"vision_dynamic": calibration} if calibration else {}),
-            "attention": {"kind": "mla_absorbed_gqa" if L.use_mla else "mha_gqa", "max_len": max_len,
+            "attention": {"kind": attention_kind(cfg, io_dtype), "max_len": max_len,
                           "cache": {"dtype": np.dtype(io_dtype).name,
                                     "buffers_per_layer": [list(s) for s in cache_shapes(cfg, max_len)]},
                           "cache_bytes_per_token": cache_bytes_per_token(cfg, io_dtype)},

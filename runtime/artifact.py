@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..export.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_sha256
+from ..export.manifest import FORMAT, MANIFEST, READABLE_FORMAT_VERSIONS, file_sha256
 
 
 class ArtifactError(ValueError):
@@ -57,9 +57,9 @@ def open_artifact(path, verify: str = "sha256") -> Artifact:
         raise ArtifactError(f"{mpath}: not valid JSON ({e})") from None
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise ArtifactError(f"{mpath}: format_version {manifest.get('format_version')!r}; this runtime reads "
-                            f"version {FORMAT_VERSION} (re-export with this vl2edge)")
+                            f"versions {list(READABLE_FORMAT_VERSIONS)} (re-export with this vl2edge)")
     files = manifest.get("files", {})
     for name, meta in files.items():
         f = d / name

@@ -1,8 +1,9 @@
 """The engine: ONNX Runtime sessions over an artifact, the KV cache, and one forward step at a time.
 
-State is one conversation: `length` tokens are in the cache. Every step runs, per layer, the attention graph (its
-GroupQueryAttention appends to the cache buffers IN PLACE: the same OrtValue is bound as past_* input and present_*
-output, so no cache is ever copied), the dispatch (runtime/dispatch.py: the model's exact top-k and weights from the
+State is one conversation: `length` tokens are in the cache. Every step runs, per layer, the attention graph (it
+appends to the cache buffers IN PLACE, so no cache is ever copied: GroupQueryAttention gets the same OrtValue as
+past_* input and present_* output; the MLA latent form reads the buffer's valid rows and writes its `latent_new`
+output at the next rows' address; export/attention.bind_cache), the dispatch (runtime/dispatch.py: the model's exact top-k and weights from the
 router logits), and the expert graph, which computes only the chosen experts. The head graph gives the last
 position's logits.
 
@@ -20,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 from safetensors.numpy import load_file
 
+from ..export.attention import bind_cache, bind_step_inputs
 from ..model.config import VL2Config
 from .artifact import Artifact, open_artifact
 from .dispatch import ExpertCounts, RoutingConfig, expert_graph_inputs, route
@@ -89,8 +91,6 @@ class _Layer:
     attention: ort.InferenceSession
     mlp: ort.InferenceSession
     moe: bool
-    past_names: list[str]
-    present_to_past: dict[str, str]
     has_router: bool
     bias: np.ndarray | None = None
 
@@ -124,14 +124,11 @@ class Engine:
         self.head = self._session(g["head"]["file"])
         bias = load_file(str(self.artifact.path(m["router_bias"]))) if m.get("router_bias") else {}
         self.layers = []
+        self.attention_kind = m["attention"]["kind"]
         for i, entry in enumerate(g["layers"]):
-            ins = [v["name"] for v in entry["attention"]["inputs"]]
             outs = [v["name"] for v in entry["attention"]["outputs"]]
-            past = [n for n in ins if n.startswith("past_")]
-            present = {o: next(p for p in past if o[len("present_"):].startswith(p[len("past_"):]))
-                       for o in outs if o.startswith("present_")}
             self.layers.append(_Layer(self._session(entry["attention"]["file"]), self._session(entry["mlp"]["file"]),
-                                      entry["moe"], past, present, "router_logits" in outs, bias.get(f"layer{i}")))
+                                      entry["moe"], "router_logits" in outs, bias.get(f"layer{i}")))
         tokens = load_file(str(self.artifact.path(m["image_tokens"])))
         self.image_newline, self.view_separator = tokens["image_newline"], tokens["view_seperator"]
         self.routing = RoutingConfig.from_language_config(self.config.language) \
@@ -208,24 +205,14 @@ class Engine:
             raise ContextFullError(f"{past + t} tokens exceed the context of {self.max_len} "
                                    f"(over by {past + t - self.max_len})")
         x = embeds.reshape(1, t, -1).astype(self.io_dtype, copy=False)
-        positions = np.arange(past, past + t, dtype=np.int64).reshape(1, t)
-        seqlens = np.array([past + t - 1], np.int32)
-        total = np.array(past + t, np.int32)
         for i, layer in enumerate(self.layers):
             t0 = time.perf_counter()
             b = layer.attention.io_binding()
-            b.bind_cpu_input("hidden", x)
-            b.bind_cpu_input("position_ids", positions)
-            b.bind_cpu_input("seqlens_k", seqlens)
-            b.bind_cpu_input("total_sequence_length", total)
+            bind_step_inputs(b, x, past)
             names = ["hidden_out", "mlp_in"] + (["router_logits"] if layer.has_router else [])
             for n in names:  # bound first: get_outputs() lists outputs in binding order
                 b.bind_output(n)
-            buffers = dict(zip(layer.past_names, self.caches[i]))
-            for name, val in buffers.items():
-                b.bind_ortvalue_input(name, val)
-            for out, past_name in layer.present_to_past.items():
-                b.bind_ortvalue_output(out, buffers[past_name])  # in place: present IS past
+            bind_cache(b, self.attention_kind, self.caches[i], past, t, self.provider)  # new rows land in place
             layer.attention.run_with_iobinding(b)
             outs = dict(zip(names, (o.numpy() for o in b.get_outputs()[:len(names)])))
             t1 = time.perf_counter()

@@ -92,7 +92,7 @@ def test_manifest_describes_the_artifact(artifacts):
     assert m["target"] == "cpu" and m["io_dtype"] == "float32"
     assert m["quantization"]["experts"] == {"kind": "int4", "block_size": 32, "accuracy_level": 4, "symmetric": True}
     assert m["quantization"]["linear"]["kind"] == "int8"
-    assert m["attention"]["kind"] == "mla_absorbed_gqa"
+    assert m["attention"]["kind"] == "mla_latent_matmul"
     assert m["attention"]["cache"]["buffers_per_layer"] == [[1, 1, 4096, 32 + 8]]  # latent + rope key only
     assert len(m["graphs"]["layers"]) == 3 and [x["moe"] for x in m["graphs"]["layers"]] == [False, True, True]
     assert {"tokenizer.json", "processor_config.json", "config.json"} <= set(m["files"])
@@ -249,6 +249,7 @@ def test_cuda_target_artifact_is_fp16_and_tracks_the_reference(test_checkpoints,
                  progress=False)
     m = open_artifact(art).manifest
     assert m["io_dtype"] == "float16" and m["quantization"]["linear"]["kind"] == "fp16"
+    assert m["attention"]["kind"] == "mla_absorbed_gqa"  # the GQA form on fp16 (the device-resident cache)
     assert m["attention"]["cache_bytes_per_token"] == 3 * 40 * 2
     inp = prompt(test_checkpoints, "test-small")
     eng = Engine(art, provider="cpu")
@@ -257,3 +258,44 @@ def test_cuda_target_artifact_is_fp16_and_tracks_the_reference(test_checkpoints,
                                    all_logits=False)[0, -1].numpy()
     assert logits.dtype == np.float32
     assert float(logits @ ref / np.linalg.norm(logits) / np.linalg.norm(ref)) > 0.98
+
+
+@pytest.mark.parametrize("preset", ["test-small", "test-vl2"])
+def test_mla_latent_attention_through_chunks_decode_and_rewind(test_checkpoints, artifacts, references, preset):
+    """The engine's MLA latent form against the reference's full forward at every stage: a prefill in three chunks
+    (the first with no past), decode steps, then a rewind (`truncate`) and a different continuation; the rows
+    written after a rewind replace the old ones in the same buffers."""
+    inp = prompt(test_checkpoints, preset)
+    model = references[preset]
+    eng = Engine(artifacts[preset, "fp32"])
+    assert eng.attention_kind == "mla_latent_matmul"
+    ptrs = [v.data_ptr() for layer in eng.caches for v in layer]
+    ids = inp.input_ids.tolist()
+    embeds = eng.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop)
+
+    def reference_last_logits(token_ids):
+        n = len(token_ids)
+        mask = np.zeros(n, dtype=bool)
+        mask[:min(n, len(ids))] = np.asarray(inp.images_seq_mask)[:n]  # the image is early in the prompt
+        return model(np.array(token_ids), inp.pixel_values, mask, inp.images_spatial_crop,
+                     all_logits=False)[0, -1].numpy()
+
+    def close(a, b):
+        return np.abs(a - b).max() / np.abs(b).max() < 1e-4
+
+    cuts = [0, 100, len(ids) - 7, len(ids)]
+    for a, b in zip(cuts, cuts[1:]):
+        logits = eng.forward(embeds[a:b])
+    assert close(logits, reference_last_logits(ids))
+    seq = ids + [int(logits.argmax())]
+    for _ in range(3):
+        logits = eng.decode(seq[-1])
+        assert close(logits, reference_last_logits(seq))
+        seq.append(int(logits.argmax()))
+    eng.truncate(len(ids) - 5)  # rewind into the prompt, continue differently
+    other = ids[:len(ids) - 5] + [11, 12, 13]
+    logits = eng.forward(eng.embed(other[-3:]))
+    assert close(logits, reference_last_logits(other))
+    logits = eng.decode(14)
+    assert close(logits, reference_last_logits(other + [14]))
+    assert [v.data_ptr() for layer in eng.caches for v in layer] == ptrs

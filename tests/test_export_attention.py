@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from vl2edge.export.attention import (
     AttentionSession,
+    attention_kind,
     build_attention_graph,
     cache_bytes_per_token,
     cache_ortvalues,
@@ -149,32 +150,50 @@ def test_fp32_matches_reference_and_writes_cache_in_place(loaded, preset, layer)
 
 
 def test_graph_structure(loaded):
-    """One GQA per layer writing straight into the graph's present outputs (an Identity there would break the
-    aliasing); MLA: one cache input feeding past_key and past_value, RoPE outside GQA, W_UK/W_UV unquantized."""
-    for preset in ("test-tiny", "test-small"):
+    """GQA forms: one GQA per layer writing straight into the graph's present outputs (an Identity there would
+    break the aliasing). MLA (fp32, CPU): no GQA; the valid cache prefix feeds exactly one Gemm (scores, reading
+    the rows as they lie) and one MatMul (context), so each step reads the cache twice in all, never copies it, and
+    the new rows are the graph output `latent_new`. MLA fp16 (CUDA): one cache input feeding past_key and
+    past_value of GQA. RoPE outside the attention, W_UK/W_UV unquantized in both MLA forms."""
+    cases = [("test-tiny", np.float32), ("test-small", np.float32), ("test-small", np.float16)]
+    for preset, io in cases:
         cfg, get, _ = loaded(preset)
-        m = build_attention_graph(cfg, 1, get, Precision("int8"), max_len=MAX_LEN).model()
+        prec = Precision("int8") if io == np.float32 else Precision("fp16")
+        m = build_attention_graph(cfg, 1, get, prec, io_dtype=io, max_len=MAX_LEN).model()
         gqa = [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
-        assert len(gqa) == 1
-        attrs = {a.name: a for a in gqa[0].attribute}
         assert not any(n.op_type == "Identity" for n in m.graph.node)
         assert [i.name for i in m.graph.input][:4] == ["hidden", "position_ids", "seqlens_k", "total_sequence_length"]
         ops = [n.op_type for n in m.graph.node]
         inits = {t.name: t for t in m.graph.initializer}
+        outputs = [o.name for o in m.graph.output]
         if cfg.language.use_mla:
+            assert ops.count("RotaryEmbedding") == 2
+            assert ops.count("MatMulNBits" if io == np.float32 else "MatMul") >= 3  # q, kv_a, o
+            w = [t for n, t in inits.items() if n.endswith(("w_uk", "w_uv_t"))]
+            assert len(w) == 2 and all(t.data_type == (1 if io == np.float32 else 10) for t in w)  # io dtype
+        if cfg.language.use_mla and io == np.float32:
+            assert gqa == [] and attention_kind(cfg, io) == "mla_latent_matmul"
+            readers = [n for n in m.graph.node if "past_latent" in n.input]
+            assert sorted(n.op_type for n in readers) == ["Gemm", "MatMul"]
+            gemm = next(n for n in readers if n.op_type == "Gemm")
+            attrs = {a.name: a for a in gemm.attribute}
+            assert attrs["transB"].i == 1 and attrs["alpha"].f == pytest.approx((16 + 8) ** -0.5)  # 1/sqrt(192)
+            assert outputs[-1] == "latent_new" and not any(o.startswith("present_") for o in outputs)
+            continue
+        assert len(gqa) == 1
+        attrs = {a.name: a for a in gqa[0].attribute}
+        if cfg.language.use_mla:
+            assert attention_kind(cfg, io) == "mla_absorbed_gqa"
             assert list(gqa[0].input[3:5]) == ["past_latent", "past_latent"]
             assert list(gqa[0].output[1:]) == ["present_latent_key", "present_latent_value"]
             assert attrs["kv_num_heads"].i == 1 and attrs["do_rotary"].i == 0
             assert attrs["scale"].f == pytest.approx((16 + 8) ** -0.5)  # 1/sqrt(nope + rope), not 1/sqrt(40)
-            assert ops.count("RotaryEmbedding") == 2 and ops.count("MatMulNBits") == 3  # q, kv_a, o
-            w = [t for n, t in inits.items() if n.endswith(("w_uk", "w_uv_t"))]
-            assert len(w) == 2 and all(t.data_type == 1 for t in w)  # fp32 = io dtype, not quantized
         else:
+            assert attention_kind(cfg, io) == "mha_gqa"
             assert list(gqa[0].output[1:]) == ["present_key", "present_value"]
             assert attrs["do_rotary"].i == 1 and attrs["rotary_interleaved"].i == 0
             assert ops.count("MatMulNBits") == 2  # fused qkv, o
-        assert [o.name for o in m.graph.output][:2] == ["hidden_out", "mlp_in"]
-        assert "router_logits" in [o.name for o in m.graph.output]
+        assert outputs[:2] == ["hidden_out", "mlp_in"] and "router_logits" in outputs
 
 
 # --- quantized and fp16 graphs: close to the fp32 reference ------------------------------------------------------
