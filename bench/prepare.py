@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..export.manifest import FORMAT_VERSION
 from ..model.presets import PRESETS
 
 
@@ -105,7 +106,8 @@ def _matches(art: Path, ckpt: Path, precision: str, block_size: int, target: str
     except (OSError, ValueError):
         return False
     q = m.get("quantization", {}).get("experts", {})
-    return (Path(m["source"]["checkpoint"]).resolve() == Path(ckpt).resolve()
+    return (m.get("format_version") == FORMAT_VERSION  # an older exporter's artifact is made again
+            and Path(m["source"]["checkpoint"]).resolve() == Path(ckpt).resolve()
             and precision_name(m["quantization"]) == precision
             and (q.get("block_size", block_size) == block_size or precision in ("fp32", "fp16"))
             and m.get("target") == target)

@@ -49,6 +49,8 @@ added within a schema version; renaming or removing one bumps it.
   plots                {"decode_latency": file name, "decode_stages": file name} (beside the JSON), absent
                        entries when matplotlib is missing
   errors               ["..."]: measurements that failed (their records hold {"error"})
+  skipped              ["..."]: measurements not attempted, with why (a reference whose weights exceed the memory
+                       this machine has: bench/runner.reference_does_not_fit)
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ def config_summary(config: dict) -> dict:
 
 
 def build_document(*, command: str, mode: str, model: dict, config: dict, machine: dict, workload: dict,
-                   runtime: dict, reference: dict) -> dict:
+                   runtime: dict, reference: dict, skipped: list[str] | None = None) -> dict:
     """Assemble the document from the measurements (the derived sections are computed here)."""
     bandwidth = (machine.get("bandwidth") or {}).get("bytes_per_s")
     doc = {
@@ -153,6 +155,7 @@ def build_document(*, command: str, mode: str, model: dict, config: dict, machin
         "plots": {},
         "errors": [f"{side} {k}: {v['error']}" for side, recs in (("runtime", runtime), ("reference", reference))
                    for k, v in recs.items() if not _ok(v)],
+        "skipped": list(skipped or []),
     }
     results = targets.evaluate(doc)
     doc["targets"] = {"applies": targets.applies(config), "precision": targets.PRECISION,
@@ -259,6 +262,8 @@ def render_table(doc: dict) -> str:
                                                  f"{r['value']:.2f}")
             thr = f"{r['threshold'] / 1e9:.2f} GB" if r["unit"] == "bytes" else f"{r['threshold']:g}"
             lines.append(f"  [{mark}] {r['description']}: {val} (needs {r['op']} {thr}); {r['detail']}")
+    for e in doc.get("skipped", []):
+        lines.append(f"SKIPPED: {e}")
     for e in doc.get("errors", []):
         lines.append(f"ERROR: {e}")
     return "\n".join(lines) + "\n"

@@ -100,9 +100,14 @@ def run_bench(model: str = "tiny", precisions=("int4", "int8"), *, threads: int 
             max_len = max_len or rec["max_len"]
         resample()
 
-    ref = {}
+    ref, skipped = {}, []
     if reference:
         for d in reference_dtypes:
+            why = reference_does_not_fit(config, d)
+            if why:  # say so instead of letting the OOM killer decide, minutes into a load
+                skipped.append(f"reference {d}: {why}")
+                _log(progress, f"reference {d}: skipped, {why}")
+                continue
             _log(progress, f"reference {d}: {ckpt}, load average {load_average()}")
             env = {} if (reference_omp_wait_policy is None or "OMP_WAIT_POLICY" in os.environ) else \
                 {"OMP_WAIT_POLICY": reference_omp_wait_policy}
@@ -117,11 +122,28 @@ def run_bench(model: str = "tiny", precisions=("int4", "int8"), *, threads: int 
 
     doc = build_document(command=command or _call_repr(model, precisions, threads, provider, quick, reference),
                          mode=mode, model={**model_info, "checkpoint": str(ckpt)}, config=config, machine=machine,
-                         workload=w.as_dict(), runtime=runtime, reference=ref)
+                         workload=w.as_dict(), runtime=runtime, reference=ref, skipped=skipped)
     if out is not None:
         path = write_outputs(doc, out)
         _log(progress, f"wrote {path} (+ {', '.join(doc['plots'].values()) or 'no plots: matplotlib missing'})")
     return doc
+
+
+REFERENCE_HEADROOM = 1.25  # weights x this: activations, the cache, the process itself (Tiny fp32: 13.4 GB -> 18-20 GB)
+
+
+def reference_does_not_fit(config: dict, dtype: str, available: int | None = None) -> str | None:
+    """Why the PyTorch reference at `dtype` cannot run here (its weights alone need more than the memory this
+    machine has available), or None. The reference materializes every weight (bench/reference_bench.py)."""
+    from .memory import available_bytes
+    from ..model.checkpoint_layout import parameter_count
+    from ..model.config import VL2Config
+
+    need = parameter_count(VL2Config.from_dict(config)) * {"float32": 4, "bfloat16": 2}[dtype] * REFERENCE_HEADROOM
+    have = available_bytes() if available is None else available
+    if need <= have:
+        return None
+    return f"needs about {need / 1e9:.1f} GB (weights x {REFERENCE_HEADROOM}), this machine has {have / 1e9:.1f} GB available"
 
 
 def _call_repr(model, precisions, threads, provider, quick, reference) -> str:

@@ -49,9 +49,9 @@ MLA (Small, VL2), absorbed form as a multi-query attention with head size kv_lor
   kv_a_proj_with_mqa's rope part are permuted to de-interleaved order (exact, also after quantization, which is
   per row), then rotate-half RoPE is applied; q_pe and k_pe get the same permutation, so scores are unchanged.
 
-Projections go through linear.emit_linear at `prec` (report kinds "attention.qkv", "attention.o",
-"attention.kv_a"); norms through GraphBuilder.rms_norm (eps from the config; kv_a_layernorm 1e-6, the class default
-the official code builds it with).
+Projections go through linear.emit_linear at `prec` (report kinds "attention.qkv" (MLA: q_proj and
+kv_a_proj_with_mqa fused into one linear), "attention.o"); norms through GraphBuilder.rms_norm (eps from the
+config; kv_a_layernorm 1e-6, the class default the official code builds it with).
 
 The cache helpers and run_attention_step / AttentionSession need only numpy and onnxruntime (the graph builder's
 onnx import is deferred to build_attention_graph), so the torch-free runtime can use them.
@@ -188,11 +188,17 @@ def _mla_query_and_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, po
     i64 = lambda *xs: np.array(xs, np.int64)  # noqa: E731
     perm = deinterleave_perm(rope)
 
-    # q_proj with each head's rope rows de-interleaved (the reference's deinterleave(q_pe), folded into the rows)
+    # q_proj with each head's rope rows de-interleaved (the reference's deinterleave(q_pe), folded into the rows),
+    # and kv_a_proj_with_mqa with its rope rows de-interleaved likewise: both read x, so they are ONE linear over
+    # their stacked rows (one weight stream, one kernel call; per-row block quantization changes no value)
     w_q = np.asarray(get(a + "q_proj.weight"), np.float32).reshape(nh, qhd, -1).copy()
     w_q[:, nope:] = w_q[:, nope:][:, perm]
-    q = emit_linear(g, x, w_q.reshape(nh * qhd, -1), prec, io_dtype, hint=a + "q_proj", report=report,
-                    report_kind="attention.qkv")
+    w_kva = np.asarray(get(a + "kv_a_proj_with_mqa.weight"), np.float32).copy()
+    w_kva[r:] = w_kva[r:][perm]
+    q_kv = emit_linear(g, x, np.concatenate([w_q.reshape(nh * qhd, -1), w_kva]), prec, io_dtype,
+                       hint=a + "q_kv_a_proj", report=report, report_kind="attention.qkv")
+    q, c_kv, k_pe = g.op("Split", [q_kv, g.const("q_kv_split", i64(nh * qhd, r, rope))], n_out=3, hint="q_kv_split",
+                         axis=2)
     q_nope, q_pe = g.op("Split", [g.op("Reshape", [q, g.const("q_shape", i64(0, 0, nh, qhd))]), g.const(
         "q_split", i64(nope, rope))], n_out=2, hint="q_split", axis=3)
 
@@ -211,12 +217,7 @@ def _mla_query_and_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, po
     q_pe = g.op("Reshape", [q_pe, g.const("qpe_heads", i64(-1, nh, rope))])
     q_full = g.op("Concat", [q_lat, q_pe], axis=2)  # [T, nh, r + rope], matching the cache's [c_kv | k_pe]
 
-    # the new cache rows: [RMSNorm(c_kv) | RoPE(k_pe)] (k_pe rows de-interleaved like q_pe)
-    w_kva = np.asarray(get(a + "kv_a_proj_with_mqa.weight"), np.float32).copy()
-    w_kva[r:] = w_kva[r:][perm]
-    kv = emit_linear(g, x, w_kva, prec, io_dtype, hint=a + "kv_a_proj_with_mqa", report=report,
-                     report_kind="attention.kv_a")
-    c_kv, k_pe = g.op("Split", [kv, g.const("kv_split", i64(r, rope))], n_out=2, hint="kv_split", axis=2)
+    # the new cache rows: [RMSNorm(c_kv) | RoPE(k_pe)]
     c_kv = g.rms_norm(c_kv, get(a + "kv_a_layernorm.weight"), KV_A_NORM_EPS, io_dtype, hint=a + "kv_a_layernorm")
     k_pe = g.op("RotaryEmbedding", [k_pe, position_ids, cos_c, sin_c], domain=MS_DOMAIN, hint="k_rope",
                 interleaved=0)

@@ -18,7 +18,7 @@ Routed experts:
   fp32 / fp16: com.microsoft MoE, which has no router_weights input and always uses softmax over the k selected
       router_probs. So the graph feeds it log(w) at the selected experts (and -1e4 elsewhere): the softmax over
       the selected ones is then w / sum(w), and the output is multiplied back by sum(w) per token. Exact math.
-Shared experts and the dense MLP: gated MLPs of Linear layers at the non-expert precision.
+Shared experts and the dense MLP: gated MLPs of Linear layers at the non-expert precision, gate and up fused.
 """
 
 from __future__ import annotations
@@ -38,10 +38,13 @@ Getter = Callable[[str], np.ndarray]
 
 
 def _gated_mlp(g: GraphBuilder, x: str, get: Getter, prefix: str, prec: Precision, io_dtype, report, kind: str) -> str:
-    gate = emit_linear(g, x, get(prefix + "gate_proj.weight"), prec, io_dtype, prefix + "gate_proj", report=report,
-                       report_kind=kind)
-    up = emit_linear(g, x, get(prefix + "up_proj.weight"), prec, io_dtype, prefix + "up_proj", report=report,
-                     report_kind=kind)
+    """down(silu(gate(x)) * up(x)), gate and up as ONE linear over their stacked rows [2I, H], then split: one weight
+    stream and one kernel call instead of two. Block quantization is per row, so stacking changes no value."""
+    gate_w, up_w = get(prefix + "gate_proj.weight"), get(prefix + "up_proj.weight")
+    gate_up = emit_linear(g, x, np.concatenate([gate_w, up_w]), prec, io_dtype, prefix + "gate_up_proj",
+                          report=report, report_kind=kind)
+    gate, up = g.op("Split", [gate_up, g.const(prefix + "gate_up_split", np.array([len(gate_w), len(up_w)], np.int64))],
+                    n_out=2, hint=prefix + "gate_up", axis=-1)
     act = g.op("Mul", [gate, g.op("Sigmoid", [gate], hint=prefix + "sigmoid")], hint=prefix + "silu")
     h = g.op("Mul", [act, up], hint=prefix + "gated")
     return emit_linear(g, h, get(prefix + "down_proj.weight"), prec, io_dtype, prefix + "down_proj", report=report,

@@ -37,7 +37,7 @@ def bench_run(test_checkpoints, tmp_path_factory):
 # --- the document ------------------------------------------------------------------------------------------------
 SUMMARY_KEYS = {"median", "min", "max", "p10", "p90", "mean", "stdev", "n"}
 TOP_KEYS = {"schema_version", "generator", "created_utc", "command", "mode", "model", "machine", "workload",
-            "runtime", "reference", "ratios", "roofline", "targets", "plots", "errors"}
+            "runtime", "reference", "ratios", "roofline", "targets", "plots", "errors", "skipped"}
 RUNTIME_KEYS = {"precision", "artifact", "artifact_bytes", "artifact_created_utc", "quantization", "provider", "threads", "max_len",
                 "ort_intra_op_spinning", "load_s", "vision", "prefill", "ttft", "decode", "memory", "load_average",
                 "wall_s"}
@@ -59,6 +59,7 @@ def test_document_top_level(bench_run):
     assert set(doc) == TOP_KEYS
     assert doc["schema_version"] == report.SCHEMA_VERSION == 1
     assert doc["generator"] == "vl2edge.bench" and doc["mode"] == "custom" and doc["errors"] == []
+    assert doc["skipped"] == []  # test-tiny's reference fits anywhere
     assert doc["model"]["name"] == "test-tiny" and doc["model"]["config"]["num_hidden_layers"] == 3
     m = doc["machine"]
     for key in ("cpu_model", "onnxruntime", "provider", "threads", "logical_cores", "load_average_start",
@@ -159,6 +160,37 @@ def test_cached_artifact_is_reused(bench_run, test_checkpoints):
     before = (art / "manifest.json").stat().st_mtime_ns
     again = prepare_artifact(test_checkpoints["test-tiny"], "int4", 32, cache_dir=art.parent.parent, progress=False)
     assert again == art and (art / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_an_artifact_of_an_older_format_is_exported_again(bench_run, test_checkpoints, tmp_path):
+    import shutil
+
+    from vl2edge.bench.prepare import prepare_artifact
+    from vl2edge.export.manifest import FORMAT_VERSION
+
+    doc, _ = bench_run
+    art = Path(doc["runtime"]["int4"]["artifact"])
+    cache = tmp_path / "cache"
+    stale = cache / "artifacts" / art.name
+    shutil.copytree(art, stale)
+    m = json.loads((stale / "manifest.json").read_text())
+    m["format_version"] = FORMAT_VERSION - 1  # what the previous exporter wrote
+    (stale / "manifest.json").write_text(json.dumps(m))
+    again = prepare_artifact(test_checkpoints["test-tiny"], "int4", 32, cache_dir=cache, progress=False)
+    assert again == stale and json.loads((again / "manifest.json").read_text())["format_version"] == FORMAT_VERSION
+
+
+def test_a_reference_that_cannot_fit_is_skipped_with_the_reason():
+    from vl2edge.bench.runner import reference_does_not_fit
+    from vl2edge.model.presets import preset_config
+
+    small, tiny = preset_config("small"), preset_config("test-tiny")
+    why = reference_does_not_fit(small, "float32", available=24 * 10**9)
+    # 16,148,349,504 parameters x 4 bytes x 1.25 = 80.7 GB
+    assert why == "needs about 80.7 GB (weights x 1.25), this machine has 24.0 GB available"
+    assert "40.4 GB" in reference_does_not_fit(small, "bfloat16", available=24 * 10**9)
+    assert reference_does_not_fit(tiny, "float32", available=24 * 10**9) is None
+    assert reference_does_not_fit(tiny, "float32", available=1000) is not None
 
 
 def test_dense4_precision_is_its_own_cached_artifact(bench_run, test_checkpoints):
