@@ -11,10 +11,11 @@ Subpackages, in the direction data flows:
 __version__ = "0.1.0"
 
 
-def load(path, provider=None, threads=None, max_tiles=None, verify="sha256"):
-    """Open an exported artifact: `vl2edge.load(path) -> vl2edge.runtime.api.Model` (see that module).
+def load(path, provider=None, threads=None, max_tiles=None, verify="sha256", **options):
+    """Open an exported artifact: `vl2edge.load(path) -> vl2edge.runtime.api.Model` (see that module for the
+    options: transient_vision, official_pixels).
 
     Imported lazily, so `import vl2edge` stays light and torch-free."""
     from .runtime.api import load as _load
 
-    return _load(path, provider=provider, threads=threads, max_tiles=max_tiles, verify=verify)
+    return _load(path, provider=provider, threads=threads, max_tiles=max_tiles, verify=verify, **options)

@@ -54,7 +54,8 @@ class _OnnxBackend:
         from .runtime.api import load
 
         self.model = load(args.model, provider=args.provider, threads=args.threads, max_tiles=args.max_tiles,
-                          verify=args.verify)
+                          verify=args.verify, transient_vision=args.transient_vision,
+                          official_pixels=args.official_pixels)
         self.chunk_size = args.chunk_size
 
     def answer(self, messages, images, options: dict, on_text, interruptible: bool = False):
@@ -76,7 +77,8 @@ class _TorchBackend:
     def __init__(self, args):
         from .reference_backend import ReferenceModel
 
-        self.model = ReferenceModel(args.model, dtype=args.dtype, max_tiles=args.max_tiles, threads=args.threads)
+        self.model = ReferenceModel(args.model, dtype=args.dtype, max_tiles=args.max_tiles, threads=args.threads,
+                                    official_pixels=args.official_pixels)
 
     def answer(self, messages, images, options: dict, on_text, interruptible: bool = False):
         from .model.generate import SamplingConfig
@@ -304,6 +306,11 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", default="sha256", choices=["sha256", "size"],
                    help="check the artifact's files by sha256 (default) or size only (fast start)")
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens")
+    p.add_argument("--transient-vision", action="store_true",
+                   help="load the vision graph per image and release it after: less memory, slower images")
+    p.add_argument("--official-pixels", action="store_true",
+                   help="open images as the official code does: no EXIF rotation, transparency dropped instead of "
+                        "composited over white (to compare answers with it)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="--backend torch only")
 
 
@@ -329,12 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--experts", default="int4", choices=["int4", "int8", "fp16", "fp32"],
                    help="routed-expert weights (fp32 = the all-fp32 parity artifact on cpu)")
     e.add_argument("--dense", default=None, choices=["int4", "int8"],
-                   help="cpu: attention, dense/shared MLP, lm_head and embedding weights (default: the experts' "
-                        "bits; the vision tower is int8 either way)")
+                   help="cpu: attention, dense/shared MLP and lm_head weights (default int8; the embedding and "
+                        "the vision tower are int8 either way)")
     e.add_argument("--vision", default="int8", choices=["int8", "int8-dynamic"],
                    help="cpu: int8-dynamic runs the vision matmuls on int8 activations (~5x faster per matmul "
                         "on AMX/VNNI) in the layers where export-time calibration shows it is accurate")
-    e.add_argument("--block-size", type=int, default=64, choices=[32, 64, 128])
+    e.add_argument("--block-size", type=int, default=None, choices=[32, 64, 128],
+                   help="quantization block (default 64, or the largest smaller one dividing the model's dims)")
     e.add_argument("--target", default="cpu", choices=["cpu", "cuda"], help="cpu: fp32 I/O; cuda: fp16 I/O")
     e.add_argument("--max-len", type=int, default=None, help="KV-cache length (default: the model's context)")
     e.add_argument("--force", action="store_true", help="replace an existing OUT (only once the new one is done)")
@@ -394,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "512,1024,2048,4096; --quick 512,4096)")
     b.add_argument("--repeats", type=int, default=None, help="repeats of every runtime measurement")
     b.add_argument("--decode-steps", type=int, default=None, help="timed decode steps per repeat")
+    b.add_argument("--transient-vision", action="store_true",
+                   help="the runtime loads the vision graph per image and releases it after (less memory)")
     b.add_argument("--bandwidth-mb", type=int, default=1024, help="array size of the bandwidth probe (0: skip)")
     b.add_argument("--cache-dir", default=None, help="where presets and exports are cached (default "
                                                      "$VL2EDGE_CACHE/bench or ~/.cache/vl2edge/bench)")

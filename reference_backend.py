@@ -15,6 +15,7 @@ from typing import Callable
 from PIL import Image, ImageDraw
 
 from .runtime.grounding import GroundingResult, parse_grounding
+from .runtime.images import OFFICIAL_PIXELS
 from .runtime.processor import Processor
 
 
@@ -50,14 +51,15 @@ class ReferenceModel:
     same processor, streaming, stop strings and grounding as the runtime (no cache reuse between calls)."""
 
     def __init__(self, checkpoint: str | Path, *, dtype: str = "float32", max_tiles: int | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, official_pixels: bool = False):
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype {dtype!r}: choose float32 or bfloat16")
         from .model.checkpoint import Checkpoint
 
         t0 = time.perf_counter()
         ckpt = Checkpoint.open(checkpoint)  # a directory or a hub repo id; a bad one fails before torch loads
-        self.processor = Processor.from_dir(ckpt.dir, max_tiles=max_tiles)
+        self.processor = Processor.from_dir(ckpt.dir, max_tiles=max_tiles,
+                                            **(OFFICIAL_PIXELS if official_pixels else {}))
 
         import torch
 

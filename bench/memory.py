@@ -80,8 +80,8 @@ def malloc_trim() -> bool:
 
 # --- the session-options probe ------------------------------------------------------------------------------------
 # name -> what differs from the Engine's defaults: session config entries ("entries"), SessionOptions attributes
-# ("attrs"), and two engine-level changes: "vision_batch" (tiles per vision call; the engine's CPU default is 1) and
-# "drop_vision" (release the vision session once the image is encoded, as a lazily-loaded vision graph would).
+# ("attrs"), and two engine-level options: "vision_batch" (tiles per vision call; the engine's CPU default is 1) and
+# "transient_vision" (Engine(transient_vision=True): the vision session exists only while images are encoded).
 # Each runs in its own process.
 VARIANTS: dict[str, dict] = {
     "default": {},
@@ -92,8 +92,8 @@ VARIANTS: dict[str, dict] = {
                                        "attrs": {"enable_cpu_mem_arena": False}},
     "no_prepack+no_arena": {"entries": {"session.disable_prepacking": "1"}, "attrs": {"enable_cpu_mem_arena": False}},
     "vision_batch4": {"vision_batch": 4},
-    "drop_vision": {"drop_vision": True},
-    "no_prepack+drop_vision": {"entries": {"session.disable_prepacking": "1"}, "drop_vision": True},
+    "transient_vision": {"transient_vision": True},
+    "no_prepack+transient_vision": {"entries": {"session.disable_prepacking": "1"}, "transient_vision": True},
 }
 
 
@@ -125,7 +125,8 @@ def _probe_child(artifact: str, variant: str, threads: int | None, vision: bool,
 
     steps = {"start": rss()}
     t0 = time.perf_counter()
-    eng = ProbeEngine(artifact, provider="cpu", threads=threads, verify="size")
+    eng = ProbeEngine(artifact, provider="cpu", threads=threads, verify="size",
+                      transient_vision=v.get("transient_vision", False))
     load_s = time.perf_counter() - t0
     steps["loaded"] = rss()
     malloc_trim()
@@ -138,10 +139,6 @@ def _probe_child(artifact: str, variant: str, threads: int | None, vision: bool,
         eng.encode_images(inp.pixel_values, batch=v.get("vision_batch"))
         timings["vision_s"] = round(time.perf_counter() - t0, 2)
         steps["after_vision"] = rss()
-        if v.get("drop_vision"):
-            eng.vision = None
-            malloc_trim()
-            steps["vision_dropped"] = rss()
     ids = filler_ids(proc.encode, context)
     t0 = time.perf_counter()
     logits = eng.prefill(eng.embed(ids), 512)
@@ -155,7 +152,7 @@ def _probe_child(artifact: str, variant: str, threads: int | None, vision: bool,
     malloc_trim()
     steps["end_trimmed"] = rss()
     return {"variant": variant, "entries": entries, "attrs": {k: str(val) for k, val in attrs.items()},
-            "engine": {k: v[k] for k in ("vision_batch", "drop_vision") if k in v}, "context": context,
+            "engine": {k: v[k] for k in ("vision_batch", "transient_vision") if k in v}, "context": context,
             "timings": timings, "cache_mb": _mb(eng.cache_nbytes()),
             "rss_mb": {k: {f: _mb(val) for f, val in r.items()} for k, r in steps.items()}}
 

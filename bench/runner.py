@@ -38,7 +38,7 @@ def run_bench(model: str = "tiny", precisions=("int4", "int8"), *, threads: int 
               workload: Workload | None = None, artifacts: dict | None = None, cache_dir=None,
               force_export: bool = False,
               bandwidth_mb: int = 1024, reference_omp_wait_policy: str | None = "PASSIVE", progress: bool = True,
-              in_process: bool = False, command: str | None = None) -> dict:
+              in_process: bool = False, command: str | None = None, transient_vision: bool = False) -> dict:
     """Run the suite; returns the document (bench/report.py) and writes it to `out` if given.
 
     model: a preset name (synthesized and exported on first use, cached under cache_dir / $VL2EDGE_CACHE) or a
@@ -46,7 +46,8 @@ def run_bench(model: str = "tiny", precisions=("int4", "int8"), *, threads: int 
     only the fp32 reference unless reference_dtypes says otherwise. artifacts: {precision: path} of existing
     exports to use instead of the cached ones; force_export: export the cached ones again (after an exporter
     change). workload: overrides the full/quick default. in_process: no
-    subprocesses (debugging; memory figures then meaningless).
+    subprocesses (debugging; memory figures then meaningless). transient_vision: the runtime loads the vision
+    graph per image and releases it after (Engine option; less resident memory, the load in every vision time).
 
     reference_omp_wait_policy: OMP_WAIT_POLICY of the reference's process (None: libgomp's default, threads spin
     in barriers). PASSIVE by default, the counterpart of the runtime's default of no ORT thread spinning: on a
@@ -92,7 +93,8 @@ def run_bench(model: str = "tiny", precisions=("int4", "int8"), *, threads: int 
     for p in precisions:
         _log(progress, f"runtime {p}: {arts[p]} ({mode} workload), load average {load_average()}")
         rec = run_isolated("runtime", {"artifact": str(arts[p]), "threads": threads, "provider": provider,
-                                       "workload": w.as_dict(), "progress": progress}, in_process=in_process)
+                                       "workload": w.as_dict(), "progress": progress,
+                                       "transient_vision": transient_vision}, in_process=in_process)
         runtime[p] = rec
         if "error" in rec:
             _log(progress, f"runtime {p}: FAILED: {rec['error']}")
@@ -178,7 +180,7 @@ def main(args) -> int:
                     quick=args.quick, reference=not args.no_reference, reference_dtypes=ref_dtypes,
                     layers=args.layers, block_size=args.block_size, workload=w, artifacts=artifacts,
                     cache_dir=args.cache_dir, force_export=args.force_export, bandwidth_mb=args.bandwidth_mb,
-                    progress=not args.quiet,
+                    progress=not args.quiet, transient_vision=args.transient_vision,
                     command="vl2edge " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     sys.stdout.write(render_table(doc))
     return 1 if doc["errors"] else 0

@@ -159,15 +159,16 @@ def bench_decode(model, w: Workload, progress: bool, label: str) -> list[dict]:
 
 
 def bench_runtime(artifact: str | Path, threads: int | None, provider: str | None, workload: Workload,
-                  progress: bool = True) -> dict:
-    """The whole workload on one artifact. Returns the "runtime" record of the report schema (bench/report.py)."""
+                  progress: bool = True, transient_vision: bool = False) -> dict:
+    """The whole workload on one artifact. Returns the "runtime" record of the report schema (bench/report.py).
+    transient_vision: the engine loads the vision graph per image and releases it after (runtime/engine.py)."""
     from ..runtime.api import load
 
     t_start = time.perf_counter()
     load_start = load_average()
     phases = {"start": memory.rss()}
     t0 = time.perf_counter()
-    model = load(artifact, provider=provider, threads=threads, verify="size")
+    model = load(artifact, provider=provider, threads=threads, verify="size", transient_vision=transient_vision)
     load_s = time.perf_counter() - t0
     phases["loaded"] = memory.rss()
     m = model.engine.artifact.manifest
@@ -184,6 +185,7 @@ def bench_runtime(artifact: str | Path, threads: int | None, provider: str | Non
         "threads": threads,
         "max_len": model.max_len,
         "ort_intra_op_spinning": model.engine._opts.get_session_config_entry("session.intra_op.allow_spinning") == "1",
+        "transient_vision": transient_vision,
         "load_s": load_s,
     }
     loads = {"start": load_start}

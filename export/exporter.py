@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -72,6 +73,27 @@ class ExportError(ValueError):
     pass
 
 
+BLOCK_SIZES = (32, 64, 128)
+DEFAULT_BLOCK_SIZE = 64
+
+
+def _block_dims(L) -> dict[str, int]:
+    """The dimensions QMoE quantizes along in whole blocks (its K: fc1 reads hidden_size, fc2 the intermediate)."""
+    return {"hidden_size": L.hidden_size, "moe_intermediate_size": L.moe_intermediate_size}
+
+
+def choose_block_size(cfg: VL2Config) -> tuple[int, str]:
+    """The block size when none is asked for: DEFAULT_BLOCK_SIZE, or else the largest smaller supported size that
+    divides every dimension quantized in whole blocks (a larger block than the default would trade accuracy for
+    bytes without being asked). Returns (block size, why) for the log line."""
+    dims = _block_dims(cfg.language) if cfg.language.n_routed_experts else {}
+    for b in sorted((b for b in BLOCK_SIZES if b <= DEFAULT_BLOCK_SIZE), reverse=True):
+        if all(k % b == 0 for k in dims.values()):
+            misfits = ", ".join(f"{name} {k}" for name, k in dims.items() if k % DEFAULT_BLOCK_SIZE)
+            return b, "the default" if b == DEFAULT_BLOCK_SIZE else f"{DEFAULT_BLOCK_SIZE} does not divide {misfits}"
+    raise ExportError(f"no supported block size {BLOCK_SIZES} divides {dims}")
+
+
 def precision_plan(experts: str, block_size: int, target: str, dense: str | None = None) -> dict[str, Precision]:
     """Precision per weight group (see the module docstring). dense: cpu target with quantized experts only."""
     if experts not in EXPERT_CHOICES:
@@ -81,7 +103,7 @@ def precision_plan(experts: str, block_size: int, target: str, dense: str | None
     if dense is not None and (target != "cpu" or experts not in ("int4", "int8")):
         raise ExportError(f"--dense applies to --target cpu with int4/int8 experts, not {experts} experts on "
                           f"{target}")
-    if block_size not in (32, 64, 128):
+    if block_size not in BLOCK_SIZES:
         raise ExportError(f"--block-size {block_size}: choose 32, 64 or 128")
     if target == "cpu":
         if experts == "fp16":
@@ -105,14 +127,14 @@ def _partial_dirs(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.partial-*"))
 
 
-def export(src, out, experts: str = "int4", block_size: int = 64, target: str = "cpu", force: bool = False,
+def export(src, out, experts: str = "int4", block_size: int | None = None, target: str = "cpu", force: bool = False,
            max_len: int | None = None, progress: bool = True, revision: str | None = None,
            dense: str | None = None, vision: str = "int8") -> Path:
     import torch
     from safetensors.numpy import save_file
     from tqdm import tqdm
 
-    plan = precision_plan(experts, block_size, target, dense)
+    plan = precision_plan(experts, block_size or DEFAULT_BLOCK_SIZE, target, dense)  # bad requests: before any read
     if vision not in VISION_CHOICES:
         raise ExportError(f"--vision {vision!r}: choose one of {VISION_CHOICES}")
     if vision == DYNAMIC and (target != "cpu" or plan["vision"].kind != "int8"):
@@ -124,8 +146,13 @@ def export(src, out, experts: str = "int4", block_size: int = 64, target: str = 
     ckpt = Checkpoint.open(src, revision=revision)
     cfg: VL2Config = ckpt.config
     L = cfg.language
+    if block_size is None:
+        block_size, why = choose_block_size(cfg)
+        if progress:
+            print(f"block size {block_size} ({why}; --block-size sets it)", file=sys.stderr)
+        plan = precision_plan(experts, block_size, target, dense)
     if plan["experts"].bits and L.n_routed_experts:
-        for what, k in (("hidden_size", L.hidden_size), ("moe_intermediate_size", L.moe_intermediate_size)):
+        for what, k in _block_dims(L).items():
             if k % block_size:  # QMoE quantizes along K in whole blocks
                 raise ExportError(f"--block-size {block_size} does not divide {what} {k}; choose a divisor of it")
     max_len = max_len or L.max_position_embeddings

@@ -35,6 +35,7 @@ from .chat_template import IMAGE_TAG, as_image_list, normalize_messages
 from .engine import Engine
 from .generation import Result, Runner, Stream
 from .grounding import referring_prompt
+from .images import OFFICIAL_PIXELS
 from .processor import Processor, PromptTooLongError
 from .sampling import SamplingParams
 
@@ -42,12 +43,15 @@ DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def load(path: str | Path, provider: str | None = None, threads: int | None = None, max_tiles: int | None = None,
-         verify: str = "sha256") -> "Model":
+         verify: str = "sha256", transient_vision: bool = False, official_pixels: bool = False) -> "Model":
     """Open an exported artifact directory.
 
     provider: None = best available (CUDA, then CPU), "cpu" or "cuda" (absent -> warning and CPU); threads: ORT
     intra-op threads (None = ORT's default); max_tiles: at most N local tiles per image (latency budget; None =
-    the model's own tiling); verify: "sha256" (check every file's hash) or "size" (fast start on a trusted disk).
+    the model's own tiling); verify: "sha256" (check every file's hash) or "size" (fast start on a trusted disk);
+    transient_vision: load the vision graph for each image and release it after (less resident memory between
+    images, its load time added to every image's vision time); official_pixels: open images as the official
+    pipeline does (no EXIF rotation, alpha dropped instead of composited over white; runtime.images).
     Raises ArtifactError (a ValueError) for a missing, corrupt or mismatched artifact, ValueError for a bad option.
     """
     if verify not in ("sha256", "size"):
@@ -56,7 +60,7 @@ def load(path: str | Path, provider: str | None = None, threads: int | None = No
 
     art = open_artifact(path, verify=verify)
     try:
-        engine = Engine(art, provider=provider, threads=threads)
+        engine = Engine(art, provider=provider, threads=threads, transient_vision=transient_vision)
     except ValueError:
         raise
     except Exception as e:  # onnxruntime's own errors for a graph it cannot load
@@ -65,7 +69,7 @@ def load(path: str | Path, provider: str | None = None, threads: int | None = No
                                 f"{str(e).splitlines()[0] if str(e) else ''})") from e
         raise
     # the cache bounds the context: a prompt must fit it, not just the model's max_position_embeddings
-    proc = Processor.from_dir(art.dir, max_tiles=max_tiles)
+    proc = Processor.from_dir(art.dir, max_tiles=max_tiles, **(OFFICIAL_PIXELS if official_pixels else {}))
     if proc.max_length is None or proc.max_length > engine.max_len:
         proc.max_length = engine.max_len
     return Model(engine, proc)

@@ -38,6 +38,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 WHITE = (255, 255, 255)
+# The official pipeline's pixels (PIL .convert("RGB"), no EXIF rotation): Processor options that reproduce them, for
+# comparing answers with the official code on transparent or rotated images (`--official-pixels`).
+OFFICIAL_PIXELS = {"exif_transpose": False, "alpha_background": None}
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes], Image.Image]
 

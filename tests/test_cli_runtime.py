@@ -148,3 +148,26 @@ def test_stop_and_sampling_options(artifact, capsys):
                                             "--repetition-penalty", "1.1", "--seed", "3", "--json",
                                             "--threads", "1"])[1])["token_ids"] for _ in range(2)]
     assert sampled[0] == sampled[1]  # seeded
+
+
+def test_official_pixels_drop_alpha_as_the_official_code_does(artifact, tmp_path):
+    rng = np.random.default_rng(5)
+    rgba = rng.integers(0, 255, (200, 300, 4), dtype=np.uint8)
+    rgba[..., 3] = rng.integers(0, 2, (200, 300)) * 255  # half the pixels fully transparent
+    src = tmp_path / "transparent.png"
+    Image.fromarray(rgba, "RGBA").save(src)
+    flat = tmp_path / "flat.png"
+    Image.open(src).convert("RGB").save(flat)  # what the official pipeline's .convert("RGB") sees
+    default = vl2edge.load(artifact, threads=1)
+    official = vl2edge.load(artifact, threads=1, official_pixels=True)
+
+    def pixels(m, path):
+        return m.prepare("<image>\nDescribe.", images=[path]).pixel_values
+
+    np.testing.assert_array_equal(pixels(official, src), pixels(default, flat))
+    assert not np.array_equal(pixels(default, src), pixels(default, flat))  # default: composited over white
+    r = cli(["run", str(artifact), "--image", str(src), "--prompt", "Describe.", "--max-new-tokens", "4",
+             "--threads", "1", "--json", "--official-pixels"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["token_ids"] == official.generate("Describe.", images=[src],
+                                                                 max_new_tokens=4).token_ids

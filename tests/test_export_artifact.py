@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from vl2edge.export.exporter import ExportError, export
+from vl2edge.model.config import VL2Config
 from vl2edge.model.generate import SamplingConfig, generate
 from vl2edge.model.vl2 import DeepseekVL2
 from vl2edge.runtime.artifact import ArtifactError, open_artifact
@@ -153,6 +154,20 @@ def test_export_refuses_bad_requests_and_existing_output(test_checkpoints, tmp_p
     with pytest.raises(ExportError, match="does not divide moe_intermediate_size 32"):
         export(test_checkpoints["test-tiny"], tmp_path / "d", block_size=64, progress=False)
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_without_a_block_size_the_export_chooses_one_that_divides_and_says_so(test_checkpoints, tmp_path, capsys):
+    from vl2edge.export.exporter import choose_block_size
+    from vl2edge.model.presets import preset_config
+
+    real = {n: VL2Config.from_dict(preset_config(n)) for n in ("tiny", "small", "vl2")}
+    assert {n: choose_block_size(c)[0] for n, c in real.items()} == {"tiny": 64, "small": 64, "vl2": 64}
+    assert choose_block_size(real["tiny"])[1] == "the default"
+    tiny = VL2Config.from_dict(json.loads((test_checkpoints["test-tiny"] / "config.json").read_text()))
+    assert choose_block_size(tiny) == (32, "64 does not divide moe_intermediate_size 32")
+    art = export(test_checkpoints["test-tiny"], tmp_path / "a", experts="int4")  # the README's first try
+    assert "block size 32 (64 does not divide moe_intermediate_size 32" in capsys.readouterr().err
+    assert open_artifact(art).manifest["quantization"]["experts"]["block_size"] == 32
 
 
 def test_engines_share_one_cpu_arena(artifacts, test_checkpoints):
@@ -299,3 +314,15 @@ def test_mla_latent_attention_through_chunks_decode_and_rewind(test_checkpoints,
     logits = eng.decode(14)
     assert close(logits, reference_last_logits(other + [14]))
     assert [v.data_ptr() for layer in eng.caches for v in layer] == ptrs
+
+
+def test_transient_vision_session_gives_the_same_tiles_and_is_not_kept(test_checkpoints, artifacts):
+    inp = prompt(test_checkpoints, "test-tiny")
+    resident = Engine(artifacts["test-tiny", "int4"])
+    transient = Engine(artifacts["test-tiny", "int4"], transient_vision=True)
+    assert resident.vision is not None and transient.vision is None
+    a = resident.encode_images(inp.pixel_values)
+    b = transient.encode_images(inp.pixel_values)
+    assert transient.vision is None and transient.timings.vision > 0
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(transient.encode_images(inp.pixel_values[:1]), a[:1])  # loaded again, same
