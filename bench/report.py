@@ -44,7 +44,8 @@ added within a schema version; renaming or removing one bumps it.
   roofline             {"bandwidth_bytes_per_s", "runtime": {precision: {"weight_bytes": {part: bytes},
                         "cache_bytes_per_token", "rows": [{"context", "weight_bytes", "kv_bytes", "bytes_per_token",
                         "best_tokens_per_s", "measured_tokens_per_s", "fraction"}]}}, "reference": {dtype: same}}
-  targets              {"applies": bool, "precision": "int4", "reference": "float32", "results": [see
+  targets              {"applies": bool, "model": "tiny"|"small" (whose target set), "precision": "int4",
+                        "reference": "float32", "results": [see
                         bench/targets.py], "passed": n, "failed": n, "unknown": n}
   plots                {"decode_latency": file name, "decode_stages": file name} (beside the JSON), absent
                        entries when matplotlib is missing
@@ -157,8 +158,9 @@ def build_document(*, command: str, mode: str, model: dict, config: dict, machin
                    for k, v in recs.items() if not _ok(v)],
         "skipped": list(skipped or []),
     }
-    results = targets.evaluate(doc)
-    doc["targets"] = {"applies": targets.applies(config), "precision": targets.PRECISION,
+    results = targets.evaluate(doc, config=config)
+    doc["targets"] = {"applies": targets.applies(config), "model": targets.model_of(config) or "tiny",
+                      "precision": targets.PRECISION,
                       "reference": targets.REFERENCE, "results": results,
                       "passed": sum(r["passed"] is True for r in results),
                       "failed": sum(r["passed"] is False for r in results),
@@ -254,7 +256,9 @@ def render_table(doc: dict) -> str:
             lines.append(f"{prec} decode step @{d['context']} ({d['ms_per_token']:.1f} ms): {st} ms")
     t = doc.get("targets", {})
     if t:
-        lines += ["", f"targets ({t['precision']} vs reference {t['reference']}"
+        small = t.get("model") == "small"
+        lines += ["", f"targets of {t.get('model', 'tiny')} ({t['precision']}"
+                      f"{'' if small else ' vs reference ' + t['reference']}"
                       f"{'' if t['applies'] else '; NOTE: stated for real-dims tiny, all layers: not this model'}):"]
         for r in t["results"]:
             mark = {True: "PASS", False: "FAIL", None: "n/a "}[r["passed"]]

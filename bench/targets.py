@@ -9,9 +9,19 @@ For real-dims `tiny` on a 2-core CPU, the INT4 runtime (precision "int4") agains
   decode_4k_vs_512   INT4 decode step time at the largest context (4k) <= 1.15 x that at the smallest (512)
   peak_rss           INT4 runtime peak RSS over the whole workload <= 2.5 GB (10^9 bytes)
 
+For real-dims `small` (issue 10; no reference: its weights do not fit this machine's memory), the INT4 runtime
+alone:
+
+  decode_512         INT4 decode >= 10 tokens/s at 512 context
+  decode_2k          INT4 decode >= 8 tokens/s at 2k context
+  decode_4k_vs_512   as above
+  prefill            INT4 prefill >= 28 tokens/s
+  peak_rss           INT4 runtime peak RSS over the whole workload <= 9.5 GB
+
 Each target -> {"id", "description", "metric", "value", "op", "threshold", "unit", "passed", "detail"}; "passed" is
-None when the run lacks what it needs (no int4 precision, --no-reference, a failed measurement). `applies` in the
-document's "targets" section says whether the run is the one the targets are stated for (tiny's dims, all layers).
+None when the run lacks what it needs (no int4 precision, --no-reference, a failed measurement). The set is chosen
+by the model's dims (model_of); any other model is evaluated against tiny's, and the document's "targets" section
+says `applies` False.
 """
 
 from __future__ import annotations
@@ -44,8 +54,17 @@ def check(op: str, value: float | None, threshold: float) -> bool | None:
     return value >= threshold if op == ">=" else value <= threshold
 
 
-def _target(tid: str, value, detail: str) -> dict:
-    op, threshold, unit, description = TARGETS[tid]
+SMALL_TARGETS = {
+    "decode_512": (">=", 10.0, "tokens/s", "Small INT4 decode >= 10 tokens/s at 512 context"),
+    "decode_2k": (">=", 8.0, "tokens/s", "Small INT4 decode >= 8 tokens/s at 2k context"),
+    "decode_4k_vs_512": TARGETS["decode_4k_vs_512"],
+    "prefill": (">=", 28.0, "tokens/s", "Small INT4 prefill >= 28 tokens/s"),
+    "peak_rss": ("<=", 9.5 * GB, "bytes", "peak RSS of the Small INT4 runtime <= 9.5 GB"),
+}
+
+
+def _target(tid: str, value, detail: str, table: dict = TARGETS) -> dict:
+    op, threshold, unit, description = table[tid]
     return {"id": tid, "description": description, "value": value, "op": op, "threshold": threshold, "unit": unit,
             "passed": check(op, value, threshold), "detail": detail}
 
@@ -59,7 +78,35 @@ def reference_rate_bound(ref: dict, context: int) -> float:
     return max(d["tokens_per_s"] for d in ref["decode"] if d["context"] >= context)
 
 
-def evaluate(doc: dict, precision: str = PRECISION, reference: str = REFERENCE) -> list[dict]:
+def evaluate_small(doc: dict, precision: str = PRECISION) -> list[dict]:
+    rt = doc.get("runtime", {}).get(precision)
+    if not _ok(rt):
+        why = f"no {precision} runtime measurement" + (f" ({rt['error']})" if isinstance(rt, dict) else "")
+        return [_target(t, None, why, SMALL_TARGETS) for t in SMALL_TARGETS]
+    out = []
+    for tid, c in (("decode_512", 512), ("decode_2k", 2048)):
+        d = _decode_at(rt, c)
+        out.append(_target(tid, d and d["tokens_per_s"], f"{d['ms_per_token']:.1f} ms/token @{c}" if d else
+                           f"no decode measurement @{c}", SMALL_TARGETS))
+    out.append(next(t for t in _evaluate_tiny(doc, precision, REFERENCE) if t["id"] == "decode_4k_vs_512"))
+    p = rt["prefill"]
+    out.append(_target("prefill", p["tokens_per_s"], f"{p['tokens']} tokens in chunks of {p.get('chunk_size')}",
+                       SMALL_TARGETS))
+    peak = rt["memory"]["peak_rss_bytes"]
+    out.append(_target("peak_rss", peak, f"{peak / GB:.2f} GB peak ({rt['memory']['rss_after_load_bytes'] / GB:.2f} "
+                                         f"GB after load; artifact {rt['artifact_bytes'] / GB:.2f} GB, KV cache "
+                                         f"{rt['memory']['kv_cache_bytes'] / GB:.2f} GB)", SMALL_TARGETS))
+    return out
+
+
+def evaluate(doc: dict, precision: str = PRECISION, reference: str = REFERENCE, config: dict | None = None) -> list[dict]:
+    """The target set of the model whose config.json is `config`: small's, or tiny's for anything else."""
+    if model_of(config or {}) == "small":
+        return evaluate_small(doc, precision)
+    return _evaluate_tiny(doc, precision, reference)
+
+
+def _evaluate_tiny(doc: dict, precision: str = PRECISION, reference: str = REFERENCE) -> list[dict]:
     rt = doc.get("runtime", {}).get(precision)
     ref = doc.get("reference", {}).get(reference)
     out = []
@@ -138,10 +185,19 @@ _TINY_KEYS = ("hidden_size", "num_hidden_layers", "n_routed_experts", "num_exper
               "vocab_size")
 
 
-def applies(config: dict) -> bool:
-    """The targets are stated for real-dims tiny with all its layers: does this config.json have its dims?"""
+def model_of(config: dict) -> str | None:
+    """"tiny" or "small" when this config.json has that preset's real dims and all its layers, else None."""
     from ..model.presets import preset_config
 
-    tiny, lm = preset_config("tiny")["language_config"], config.get("language_config", {})
-    return all(lm.get(k) == tiny[k] for k in _TINY_KEYS) and \
-        config.get("vision_config", {}).get("width") == preset_config("tiny")["vision_config"]["width"]
+    lm = config.get("language_config", {})
+    for name in ("tiny", "small"):
+        p = preset_config(name)
+        if all(lm.get(k) == p["language_config"][k] for k in _TINY_KEYS) and \
+                config.get("vision_config", {}).get("width") == p["vision_config"]["width"]:
+            return name
+    return None
+
+
+def applies(config: dict) -> bool:
+    """Are the evaluated targets the ones stated for this model (real-dims tiny or small, all layers)?"""
+    return model_of(config) is not None

@@ -140,7 +140,7 @@ def test_files_json_and_table(bench_run):
     doc, out = bench_run
     assert json.loads((out / report.JSON_NAME).read_text()) == json.loads(json.dumps(doc))
     table = (out / report.TABLE_NAME).read_text()
-    assert "decode @32 tokens/s" in table and "targets (int4 vs reference float32" in table
+    assert "decode @32 tokens/s" in table and "targets of tiny (int4 vs reference float32" in table
 
 
 def test_plot_files_are_pngs(bench_run):
@@ -387,6 +387,31 @@ def test_targets_evaluated_by_hand():
     # a failed int4 run: everything unknown, with the reason
     res = _doc({"error": "killed"}, ref)["targets"]["results"]
     assert all(t["passed"] is None and "killed" in t["detail"] for t in res)
+
+
+def test_small_targets_by_hand():
+    """Real-dims small has its own target set (issue 10) and no reference."""
+    from vl2edge.model.presets import preset_config
+
+    rt = _record({512: 99.0, 2048: 125.1, 4096: 113.0}, ttft=30.0, prefill_tps=27.9, vision_ms=1000.0,
+                 peak=9_500_000_001, precision="int4", quantization=INT4_PLAN, artifact_bytes=1)
+    doc = report.build_document(command="test", mode="custom", model={"name": "small", "source": "preset"},
+                                config=preset_config("small"), machine={"bandwidth": {"bytes_per_s": 6e9}},
+                                workload={}, runtime={"int4": rt}, reference={}, skipped=["reference float32: x"])
+    t = doc["targets"]
+    assert t["model"] == "small" and t["applies"] is True
+    res = {r["id"]: r for r in t["results"]}
+    assert set(res) == {"decode_512", "decode_2k", "decode_4k_vs_512", "prefill", "peak_rss"}
+    assert res["decode_512"]["value"] == pytest.approx(1e3 / 99) and res["decode_512"]["passed"] is True
+    assert res["decode_2k"]["value"] == pytest.approx(1e3 / 125.1) and res["decode_2k"]["passed"] is False
+    assert res["decode_4k_vs_512"]["value"] == pytest.approx(113 / 99) and res["decode_4k_vs_512"]["passed"] is True
+    assert res["prefill"]["passed"] is False and res["peak_rss"]["passed"] is False
+    text = report.render_table(doc)
+    assert "targets of small (int4)" in text and "SKIPPED: reference float32: x" in text
+    # a truncated small is not the model the targets are stated for: tiny's set, marked as not applying
+    assert report.build_document(command="t", mode="custom", model={}, config=preset_config("small", layers=2),
+                                 machine={}, workload={}, runtime={"int4": rt}, reference={})["targets"]["applies"] \
+        is False
 
 
 def test_table_and_plots_from_a_hand_made_document(tmp_path):
