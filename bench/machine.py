@@ -42,15 +42,24 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def memory_total_bytes() -> int | None:
+def _meminfo_bytes(field: str) -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def memory_total_bytes() -> int | None:
+    return _meminfo_bytes("MemTotal")
+
+
+def memory_available_bytes() -> int | None:
+    """What the kernel says a new process can use without swapping (MemAvailable)."""
+    return _meminfo_bytes("MemAvailable")
 
 
 def load_average() -> list[float] | None:

@@ -6,7 +6,6 @@ bench measures each precision in its own subprocess (bench/isolated.py) and read
   rss()           {"rss", "anon", "file", "peak"} in bytes: VmRSS, RssAnon, RssFile, VmHWM of /proc/self/status
   reset_peak()    restart VmHWM from the current RSS (write "5" to /proc/self/clear_refs), for per-phase peaks
   malloc_trim()   give glibc's free heap pages back to the OS; returns whether it ran
-  available_bytes()  MemAvailable of /proc/meminfo: what a new process may use
 
 RSS counts file pages that are mapped and resident (an mmap'd external-data file) as well as anonymous memory
 (copies, prepacked weights, the ORT arena, the KV cache): "anon" and "file" say which.
@@ -57,18 +56,6 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-def available_bytes() -> int:
-    """Memory the kernel says a new process can use without swapping (MemAvailable; total RAM elsewhere)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def malloc_trim() -> bool:

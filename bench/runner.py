@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 from .isolated import run_isolated
-from .machine import bandwidth_summary, load_average, machine_info, measure_bandwidth
+from .machine import (bandwidth_summary, load_average, machine_info, measure_bandwidth, memory_available_bytes,
+                      memory_total_bytes)
 from .prepare import _log, check_precision, prepare_artifact, prepare_checkpoint
 from .report import build_document, render_table, write_outputs
 from .workload import Workload
@@ -137,15 +138,15 @@ REFERENCE_HEADROOM = 1.25  # weights x this: activations, the cache, the process
 def reference_does_not_fit(config: dict, dtype: str, available: int | None = None) -> str | None:
     """Why the PyTorch reference at `dtype` cannot run here (its weights alone need more than the memory this
     machine has available), or None. The reference materializes every weight (bench/reference_bench.py)."""
-    from .memory import available_bytes
     from ..model.checkpoint_layout import parameter_count
     from ..model.config import VL2Config
 
     need = parameter_count(VL2Config.from_dict(config)) * {"float32": 4, "bfloat16": 2}[dtype] * REFERENCE_HEADROOM
-    have = available_bytes() if available is None else available
+    have = available if available is not None else (memory_available_bytes() or memory_total_bytes() or 0)
     if need <= have:
         return None
-    return f"needs about {need / 1e9:.1f} GB (weights x {REFERENCE_HEADROOM}), this machine has {have / 1e9:.1f} GB available"
+    return (f"needs about {need / 1e9:.1f} GB (weights x {REFERENCE_HEADROOM}), this machine has {have / 1e9:.1f} GB "
+            f"available")
 
 
 def _call_repr(model, precisions, threads, provider, quick, reference) -> str:

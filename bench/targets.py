@@ -99,7 +99,8 @@ def evaluate_small(doc: dict, precision: str = PRECISION) -> list[dict]:
     return out
 
 
-def evaluate(doc: dict, precision: str = PRECISION, reference: str = REFERENCE, config: dict | None = None) -> list[dict]:
+def evaluate(doc: dict, precision: str = PRECISION, reference: str = REFERENCE,
+             config: dict | None = None) -> list[dict]:
     """The target set of the model whose config.json is `config`: small's, or tiny's for anything else."""
     if model_of(config or {}) == "small":
         return evaluate_small(doc, precision)

@@ -276,7 +276,8 @@ def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids
     s_new = g.op("Mul", [g.op("MatMul", [q_full, g.op("Transpose", [new], perm=[1, 0])]),
                          g.const("scale", np.array(scale, io_dtype))], hint="scores_new")
     t = g.op("Shape", [new], start=0, end=1, hint="chunk_len")
-    pos = g.op("Range", [g.const("zero", np.array(0, np.int64)), g.op("Squeeze", [t]), g.const("one", np.array(1, np.int64))])
+    pos = g.op("Range", [g.const("zero", np.array(0, np.int64)), g.op("Squeeze", [t]),
+                         g.const("one", np.array(1, np.int64))])
     later = g.op("Greater", [g.op("Unsqueeze", [pos, g.const("ax0", i64(0))]),
                              g.op("Unsqueeze", [pos, g.const("ax1", i64(1))])], hint="later")  # [T, T]: j > i
     mask = g.op("Where", [later, g.const("neg_inf", np.array(-np.inf, io_dtype)),
@@ -395,7 +396,8 @@ def run_attention_step(session, buffers: Sequence, hidden: np.ndarray, past_len:
         raise ValueError(f"{past_len} + {t} tokens do not fit the cache of {max_len}")
     kind = session_attention_kind(session)
     if len(buffers) != (2 if kind == MHA_GQA else 1):
-        raise ValueError(f"a {kind} layer has {'two cache buffers (key, value)' if kind == MHA_GQA else 'one cache buffer (latent)'}")
+        what = "two cache buffers (key, value)" if kind == MHA_GQA else "one cache buffer (latent)"
+        raise ValueError(f"a {kind} layer has {what}")
 
     b = session.io_binding()
     bind_step_inputs(b, hidden, past_len)

@@ -3,9 +3,9 @@
 State is one conversation: `length` tokens are in the cache. Every step runs, per layer, the attention graph (it
 appends to the cache buffers IN PLACE, so no cache is ever copied: GroupQueryAttention gets the same OrtValue as
 past_* input and present_* output; the MLA latent form reads the buffer's valid rows and writes its `latent_new`
-output at the next rows' address; export/attention.bind_cache), the dispatch (runtime/dispatch.py: the model's exact top-k and weights from the
-router logits), and the expert graph, which computes only the chosen experts. The head graph gives the last
-position's logits.
+output at the next rows' address; export/attention.bind_cache), the dispatch (runtime/dispatch.py: the model's
+exact top-k and weights from the router logits), and the expert graph, which computes only the chosen experts. The
+head graph gives the last position's logits.
 
 Caches are allocated once, sized to the artifact's max_len, and reused for the whole conversation (`reset()` only
 rewinds `length`).
