@@ -79,6 +79,18 @@ class GraphBuilder:
                                            domain=domain or None, **attrs))
         return outs if n_out > 1 else outs[0]
 
+    def branch(self, name: str) -> "GraphBuilder":
+        """A subgraph builder (an If branch) that shares this graph's names and initializers: its constants become
+        initializers of this graph, visible to the branch as outer-scope values (and saved with this graph's
+        external data); node and value names stay unique across both. `graph_proto()` gives the branch."""
+        b = GraphBuilder(name)
+        b._names, b._arrays = self._names, self._arrays
+        return b
+
+    def graph_proto(self) -> onnx.GraphProto:
+        """This builder's nodes and outputs as a GraphProto with no inputs or initializers (an If branch)."""
+        return helper.make_graph(self.nodes, self.name, [], self.outputs)
+
     # --- common blocks ------------------------------------------------------------------------------------------
     def rms_norm(self, x: str, weight: np.ndarray, eps: float, dtype, hint: str) -> str:
         """RMSNorm: x / sqrt(mean(x^2) + eps) * weight, statistics in fp32 (stash_type 1)."""

@@ -151,10 +151,10 @@ def test_fp32_matches_reference_and_writes_cache_in_place(loaded, preset, layer)
 
 def test_graph_structure(loaded):
     """GQA forms: one GQA per layer writing straight into the graph's present outputs (an Identity there would
-    break the aliasing). MLA (fp32, CPU): no GQA; the valid cache prefix feeds exactly one Gemm (scores, reading
-    the rows as they lie) and one MatMul (context), so each step reads the cache twice in all, never copies it, and
-    the new rows are the graph output `latent_new`. MLA fp16 (CUDA): one cache input feeding past_key and
-    past_value of GQA. RoPE outside the attention, W_UK/W_UV unquantized in both MLA forms."""
+    break the aliasing). MLA (fp32, CPU): an If on the chunk length; decoding, the valid cache prefix feeds exactly
+    one Gemm (scores, reading the rows as they lie) and one MatMul (context), so a step reads the cache twice in all
+    and never copies it; the new rows are the graph output `latent_new`. MLA fp16 (CUDA): one cache input feeding
+    past_key and past_value of GQA. RoPE outside the attention, W_UK/W_UV unquantized in both MLA forms."""
     cases = [("test-tiny", np.float32), ("test-small", np.float32), ("test-small", np.float16)]
     for preset, io in cases:
         cfg, get, _ = loaded(preset)
@@ -173,11 +173,21 @@ def test_graph_structure(loaded):
             assert len(w) == 2 and all(t.data_type == (1 if io == np.float32 else 10) for t in w)  # io dtype
         if cfg.language.use_mla and io == np.float32:
             assert gqa == [] and attention_kind(cfg, io) == "mla_latent_matmul"
-            readers = [n for n in m.graph.node if "past_latent" in n.input]
+            assert not any("past_latent" in n.input for n in m.graph.node)  # only the If's branches read the cache
+            (if_node,) = [n for n in m.graph.node if n.op_type == "If"]
+            branches = {a.name: a.g for a in if_node.attribute}
+            decode, prefill = branches["then_branch"], branches["else_branch"]
+            # decode: the prefix feeds exactly one Gemm (scores, rows as they lie) and one MatMul (context): two reads,
+            # no copy; prefill: GQA over a copy of [prefix | chunk]
+            readers = [n for n in decode.node if "past_latent" in n.input]
             assert sorted(n.op_type for n in readers) == ["Gemm", "MatMul"]
             gemm = next(n for n in readers if n.op_type == "Gemm")
             attrs = {a.name: a for a in gemm.attribute}
             assert attrs["transB"].i == 1 and attrs["alpha"].f == pytest.approx((16 + 8) ** -0.5)  # 1/sqrt(192)
+            (pgqa,) = [n for n in prefill.node if n.op_type == "GroupQueryAttention"]
+            attrs = {a.name: a for a in pgqa.attribute}
+            assert attrs["kv_num_heads"].i == 1 and attrs["do_rotary"].i == 0
+            assert attrs["scale"].f == pytest.approx((16 + 8) ** -0.5)
             assert outputs[-1] == "latent_new" and not any(o.startswith("present_") for o in outputs)
             continue
         assert len(gqa) == 1
