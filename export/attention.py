@@ -1,10 +1,14 @@
 """Per-layer attention graphs: RMSNorm -> attention over an in-place KV cache -> o_proj -> residual -> RMSNorm.
 
-One graph per decoder layer. Attention is ONE com.microsoft GroupQueryAttention (GQA) node that appends the new
-tokens to a preallocated cache of `max_len` positions IN PLACE and attends over the first total_sequence_length
-positions only (cost grows with the real context, not with max_len). In place needs IO binding: the caller binds the
-same OrtValue to the past_* input and the present_* output(s); GQA then writes the new rows into it and copies
-nothing (reference: ../shared/reference/onnxruntime.md §1.4). `run_attention_step` / `AttentionSession` below do that.
+One graph per decoder layer, over a preallocated cache of `max_len` positions that is never copied; attention
+reads only the first past_len + T positions (cost grows with the real context, not with max_len). Three forms
+(manifest attention.kind), all bound by `bind_cache` below:
+  mha_gqa (Tiny) and mla_absorbed_gqa (MLA, fp16/CUDA): ONE com.microsoft GroupQueryAttention (GQA) node appends the
+    new tokens IN PLACE: the caller binds the same OrtValue to the past_* input and the present_* output(s)
+    (reference: ../shared/reference/onnxruntime.md §1.4).
+  mla_latent_matmul (MLA, fp32/CPU): the graph reads the valid prefix and outputs the new rows, which the caller
+    binds at the buffer's row past_len, so they land in place too (see _mla_latent).
+`run_attention_step` / `AttentionSession` below do the binding.
 
 Graph I/O contract (the runtime depends on it)
 ----------------------------------------------
@@ -14,15 +18,17 @@ inputs
   seqlens_k              int32 [1]         past_len + T - 1
   total_sequence_length  int32 []          past_len + T
   MHA (Tiny):      past_key, past_value    io [1, kvH, max_len, head_dim]   (two buffers)
-  MLA (Small/VL2): past_latent             io [1, 1, max_len, kv_lora_rank + qk_rope_head_dim]
-                   (one graph input feeding both past_key and past_value of GQA)
+  MLA (Small/VL2): past_latent             mla_absorbed_gqa: io [1, 1, max_len, kv_lora_rank + qk_rope_head_dim]
+                   (one graph input feeding both past_key and past_value of GQA); mla_latent_matmul: io
+                   [past_len, kv_lora_rank + qk_rope_head_dim], the buffer's first past_len rows
 outputs
   hidden_out             io    [1, T, H]   hidden + o_proj(attention(RMSNorm_in(hidden)))
   mlp_in                 io    [1, T, H]   RMSNorm_post(hidden_out)
   router_logits          float32 [T, E]    MoE layers only (cfg.language.is_moe_layer(layer)):
                                            float32(mlp_in) @ gate^T with the unquantized fp32 router weight
   MHA: present_key, present_value          bind to the same OrtValues as past_key / past_value
-  MLA: present_latent_key, present_latent_value   BOTH bind to the same OrtValue as past_latent
+  MLA GQA: present_latent_key, present_latent_value   BOTH bind to the same OrtValue as past_latent
+  MLA latent: latent_new         io [T, width]   bound at the address of the buffer's row past_len
 "io" is the graph's io_dtype (float32 or float16); H = hidden_size; E = n_routed_experts.
 
 Cache layouts (identical to model/language.py KVCache, so a reference cache and an ORT cache compare directly)
@@ -48,6 +54,8 @@ MLA (Small, VL2), absorbed form as a multi-query attention with head size kv_lor
   by frequency i) is realised like the reference: the rows of q_proj's rope part (per head) and of
   kv_a_proj_with_mqa's rope part are permuted to de-interleaved order (exact, also after quantization, which is
   per row), then rotate-half RoPE is applied; q_pe and k_pe get the same permutation, so scores are unchanged.
+  mla_latent_matmul computes the same scores and outputs, with two GEMMs over the prefix when decoding and with
+  this GQA (over a copy of the prefix plus the chunk) for a prefill chunk (_mla_latent).
 
 Projections go through linear.emit_linear at `prec` (report kinds "attention.qkv" (MLA: q_proj and
 kv_a_proj_with_mqa fused into one linear), "attention.o"); norms through GraphBuilder.rms_norm (eps from the
