@@ -17,7 +17,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from vl2edge.export.exporter import ExportError, export
