@@ -22,11 +22,12 @@ malloc_trim, and after a small workload (one 640x480 image through the vision gr
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import subprocess
 import sys
 import time
+
+from ..runtime.engine import malloc_trim
 
 _FIELDS = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "VmHWM": "peak"}
 
@@ -54,13 +55,6 @@ def reset_peak() -> bool:
             f.write("5")
         return True
     except OSError:
-        return False
-
-
-def malloc_trim() -> bool:
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0)) or True
-    except (OSError, AttributeError):
         return False
 
 

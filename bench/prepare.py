@@ -64,8 +64,10 @@ def checkpoint_key(ckpt: Path) -> str:
 
 # A bench precision names an export: the routed experts' kind, then "-dense4" when the language model's other
 # Linears and lm_head are int4 too (`vl2edge export --dense int4`; plain int4/int8 keep them int8), then "-vdyn" when
-# the vision matmuls are int8-dynamic where calibration allows (`--vision int8-dynamic`). E.g. "int4-vdyn".
-SUFFIXES = {"-dense4": ("dense", "int4"), "-vdyn": ("vision", "int8-dynamic")}
+# the vision matmuls are int8-dynamic where calibration allows (`--vision int8-dynamic`), then "-kv8" / "-kvf" when
+# the KV cache is asked to be int8 / float instead of the exporter's auto choice (`--kv-cache`). E.g. "int4-vdyn".
+SUFFIXES = {"-dense4": ("dense", "int4"), "-vdyn": ("vision", "int8-dynamic"), "-kv8": ("kv_cache", "int8"),
+            "-kvf": ("kv_cache", "float")}
 
 
 def export_options(precision: str) -> dict:
@@ -97,6 +99,9 @@ def precision_name(quantization: dict) -> str:
         name += "-dense4"
     if "vision_dynamic" in quantization:
         name += "-vdyn"
+    kv = quantization.get("kv_cache", {})
+    if kv.get("asked", "auto") != "auto":
+        name += {"int8": "-kv8", "float": "-kvf"}[kv["kind"]]
     return name
 
 

@@ -110,7 +110,8 @@ def compute_roofline(config: dict, runtime: dict, reference: dict, bandwidth: fl
             continue
         io = 2 if rt["quantization"]["experts"]["kind"] == "fp16" or rt.get("provider") == "cuda" else 4
         w = roofline.active_weight_bytes(cfg, rt["quantization"], io_bytes=io)
-        per_tok = roofline.cache_bytes_per_token(cfg, io)
+        kv = 1 if rt["quantization"].get("kv_cache", {}).get("kind") == "int8" else io
+        per_tok = roofline.cache_bytes_per_token(cfg, kv)
         measured = {d["context"]: d["tokens_per_s"] for d in rt["decode"]}
         out["runtime"][prec] = {"weight_bytes": w, "cache_bytes_per_token": per_tok,
                                 "rows": roofline.decode_roofline(w["total"], per_tok, sorted(measured), bandwidth,

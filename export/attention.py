@@ -103,9 +103,12 @@ def deinterleave_perm(d: int) -> np.ndarray:
 
 def build_attention_graph(cfg: VL2Config, layer: int, get: Callable[[str], np.ndarray], prec: Precision,
                           io_dtype=np.float32, max_len: int = 4096,
-                          report: QualityReport | None = None) -> GraphBuilder:
+                          report: QualityReport | None = None,
+                          kv_scales: tuple[np.ndarray, np.ndarray] | None = None) -> GraphBuilder:
     """The attention half of decoder layer `layer` (see the module docstring for the I/O contract).
-    `get(name)` returns a checkpoint tensor (e.g. 'language.model.layers.0.self_attn.o_proj.weight') as fp32 numpy."""
+    `get(name)` returns a checkpoint tensor (e.g. 'language.model.layers.0.self_attn.o_proj.weight') as fp32 numpy.
+    kv_scales: (k_scale, v_scale), each [kv_heads, head_dim] fp32 (export/kv_calibration.py): an int8 cache (MHA,
+    fp32 I/O only)."""
     from .linear import emit_linear
     from .onnx_builder import GraphBuilder
     L = _lang(cfg)
@@ -125,9 +128,12 @@ def build_attention_graph(cfg: VL2Config, layer: int, get: Callable[[str], np.nd
 
     x = g.rms_norm(hidden, get(pfx + "input_layernorm.weight"), L.rms_norm_eps, io_dtype,
                    hint=pfx + "input_layernorm")
+    if kv_scales is not None and (L.use_mla or io_dtype != np.float32):
+        raise ValueError("an int8 KV cache is for MHA models with fp32 I/O (the CPU kernel)")
     build = _mha if not L.use_mla else _mla_gqa if mla_form(io_dtype) == MLA_GQA else _mla_latent
     attn, presents, cache_shape = build(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids,
-                                        seqlens_k, total)
+                                        seqlens_k, total, **({"kv_scales": kv_scales} if kv_scales else {}))
+    cache_dtype = np.int8 if kv_scales is not None else io_dtype
     o = emit_linear(g, attn, get(pfx + "self_attn.o_proj.weight"), prec, io_dtype, hint=pfx + "self_attn.o_proj",
                     report=report, report_kind="attention.o")
     g.op("Add", [hidden, o], out_names=["hidden_out"])
@@ -144,7 +150,7 @@ def build_attention_graph(cfg: VL2Config, layer: int, get: Callable[[str], np.nd
         g.op("Reshape", [logits, g.const("router_shape", np.array([-1, E], np.int64))], out_names=["router_logits"])
         g.output("router_logits", "router_logits", np.float32, ["T", E])
     for name in presents:  # the ops' own outputs, no Identity: the bound cache buffer is written in place
-        g.output(name, name, io_dtype, cache_shape)
+        g.output(name, name, cache_dtype, cache_shape)
     return g
 
 
@@ -161,7 +167,7 @@ def attention_kind(cfg: VL2Config | LanguageConfig, io_dtype) -> str:
     return mla_form(io_dtype) if _lang(cfg).use_mla else MHA_GQA
 
 
-def _mha(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids, seqlens_k, total):
+def _mha(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids, seqlens_k, total, kv_scales=None):
     from .linear import emit_linear
     from .onnx_builder import MS_DOMAIN
     nh, kvh, hd = L.num_attention_heads, L.num_key_value_heads, L.head_dim
@@ -172,13 +178,20 @@ def _mha(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids, seqle
     qkv = emit_linear(g, x, w_qkv, prec, io_dtype, hint=a + "qkv_proj", report=report, report_kind="attention.qkv")
     cos, sin = rope_tables(hd, L.rope_theta, max_len)
     cache_shape = [1, kvh, max_len, hd]
-    past_k = g.input("past_key", io_dtype, cache_shape)
-    past_v = g.input("past_value", io_dtype, cache_shape)
-    out = g.op("GroupQueryAttention",
-               [qkv, "", "", past_k, past_v, seqlens_k, total,
-                g.const("rope_cos", cos.astype(io_dtype)), g.const("rope_sin", sin.astype(io_dtype))],
+    cache_dtype = np.int8 if kv_scales is not None else io_dtype
+    past_k = g.input("past_key", cache_dtype, cache_shape)
+    past_v = g.input("past_value", cache_dtype, cache_shape)
+    inputs = [qkv, "", "", past_k, past_v, seqlens_k, total,
+              g.const("rope_cos", cos.astype(io_dtype)), g.const("rope_sin", sin.astype(io_dtype))]
+    quant = {}
+    if kv_scales is not None:  # int8 cache, one static scale per (kv head, channel): export/kv_calibration.py
+        k_scale, v_scale = (np.asarray(s, np.float32).reshape(kvh, 1, hd) for s in kv_scales)
+        inputs += ["", "", "", g.const(pfx + "k_scale", k_scale), g.const(pfx + "v_scale", v_scale)]
+        quant = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
+    out = g.op("GroupQueryAttention", inputs,
                n_out=3, domain=MS_DOMAIN, hint="gqa", out_names=["attn", "present_key", "present_value"],
-               num_heads=nh, kv_num_heads=kvh, scale=float(L.softmax_scale), do_rotary=1, rotary_interleaved=0)
+               num_heads=nh, kv_num_heads=kvh, scale=float(L.softmax_scale), do_rotary=1, rotary_interleaved=0,
+               **quant)
     return out[0], out[1:], cache_shape
 
 
@@ -354,7 +367,7 @@ def cache_ortvalues(arrays: Sequence[np.ndarray]) -> list:
     return out
 
 
-_ONNX_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_ONNX_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 
 
 def session_attention_kind(session) -> str:

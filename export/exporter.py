@@ -56,6 +56,7 @@ from .attention import attention_kind, build_attention_graph, cache_bytes_per_to
 from .embedding import KEY as EMBED_KEY
 from .embedding import build_embedding_graph
 from .head import build_head_graph
+from .kv_calibration import HEADROOM, KVCalibration
 from . import vision_calibration
 from .linear import DYNAMIC, Precision
 from .manifest import FORMAT_VERSION, file_sha256, graph_entry, write_manifest
@@ -65,6 +66,7 @@ from .vision import build_vision_graph
 EXPERT_CHOICES = ("int4", "int8", "fp16", "fp32")
 DENSE_CHOICES = ("int4", "int8")
 VISION_CHOICES = ("int8", DYNAMIC)
+KV_CACHE_CHOICES = ("auto", "int8", "float")
 COPIED_FILES = ("config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json")
 
@@ -123,13 +125,43 @@ def precision_plan(experts: str, block_size: int, target: str, dense: str | None
     raise ExportError(f"--target {target!r}: choose cpu or cuda")
 
 
+# Stages a precision may be set for one at a time; attention, dense_mlp and shared_experts default to plan["linear"].
+STAGES = ("vision", "embedding", "attention", "dense_mlp", "shared_experts", "experts", "lm_head")
+
+
+def with_stage_overrides(plan: dict[str, Precision], overrides: dict[str, Precision] | None) -> dict[str, Precision]:
+    if not overrides:
+        return plan
+    unknown = set(overrides) - set(STAGES)
+    if unknown:
+        raise ExportError(f"unknown stage(s) {sorted(unknown)}; stages are {STAGES}")
+    return {**plan, **overrides}
+
+
+def choose_kv_cache(kv_cache: str, cfg: VL2Config, target: str, experts: str) -> str:
+    """The KV cache's element type: "int8" (static per-channel scales, export/kv_calibration.py) or "float" (the
+    graph's I/O dtype). auto: int8 for the int4 CPU artifact of an MHA model (Tiny), float otherwise."""
+    if kv_cache not in KV_CACHE_CHOICES:
+        raise ExportError(f"--kv-cache {kv_cache!r}: choose one of {KV_CACHE_CHOICES}")
+    int8_ok = target == "cpu" and not cfg.language.use_mla
+    if kv_cache == "auto":
+        return "int8" if int8_ok and experts == "int4" else "float"
+    if kv_cache == "int8" and not int8_ok:
+        raise ExportError("--kv-cache int8 needs --target cpu and an MHA model (Tiny): the MLA latent cache "
+                          "(Small, VL2) and the CUDA graphs keep a float cache")
+    return kv_cache
+
+
 def _partial_dirs(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.partial-*"))
 
 
 def export(src, out, experts: str = "int4", block_size: int | None = None, target: str = "cpu", force: bool = False,
            max_len: int | None = None, progress: bool = True, revision: str | None = None,
-           dense: str | None = None, vision: str = "int8") -> Path:
+           dense: str | None = None, vision: str = "int8", kv_cache: str = "auto",
+           stage_precision: dict[str, Precision] | None = None) -> Path:
+    """stage_precision: per-stage overrides of the precision plan, keys STAGES (the fidelity tool,
+    bench/fidelity.py, exports variants with one stage at fp32 to attribute the error); recorded in the manifest."""
     import torch
     from safetensors.numpy import save_file
     from tqdm import tqdm
@@ -151,12 +183,15 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
         if progress:
             print(f"block size {block_size} ({why}; --block-size sets it)", file=sys.stderr)
         plan = precision_plan(experts, block_size, target, dense)
+    plan = with_stage_overrides(plan, stage_precision)
     if plan["experts"].bits and L.n_routed_experts:
         for what, k in _block_dims(L).items():
             if k % block_size:  # QMoE quantizes along K in whole blocks
                 raise ExportError(f"--block-size {block_size} does not divide {what} {k}; choose a divisor of it")
     max_len = max_len or L.max_position_embeddings
     io_dtype = np.float32 if target == "cpu" else np.float16
+    kv_asked, kv_cache = kv_cache, choose_kv_cache(kv_cache, cfg, target, experts)
+    cache_dtype = np.dtype(np.int8 if kv_cache == "int8" else io_dtype)
 
     for stale in _partial_dirs(out):  # left by an interrupted export into the same OUT
         shutil.rmtree(stale, ignore_errors=True)
@@ -188,10 +223,13 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
                                 "vision")
         graphs["embedding"] = save(build_embedding_graph(cfg, get(EMBED_KEY), plan["embedding"], io_dtype, report),
                                    "embedding")
+        calibration_kv = KVCalibration(cfg, get, ckpt.dir) if kv_cache == "int8" else None
         for i in range(L.num_hidden_layers):
-            attn = save(build_attention_graph(cfg, i, get, plan["linear"], io_dtype, max_len, report),
-                        f"layer{i:02d}_attention")
-            mlp = save(build_mlp_graph(cfg, i, get, plan["linear"], plan["experts"], io_dtype, report),
+            scales = calibration_kv.layer_scales(i) if calibration_kv else None
+            attn = save(build_attention_graph(cfg, i, get, plan.get("attention", plan["linear"]), io_dtype, max_len,
+                                              report, kv_scales=scales), f"layer{i:02d}_attention")
+            mlp_prec = plan.get("shared_experts" if L.is_moe_layer(i) else "dense_mlp", plan["linear"])
+            mlp = save(build_mlp_graph(cfg, i, get, mlp_prec, plan["experts"], io_dtype, report),
                        f"layer{i:02d}_{'moe' if L.is_moe_layer(i) else 'mlp'}")
             layers.append({"attention": attn, "mlp": mlp, "moe": L.is_moe_layer(i)})
         graphs["head"] = save(build_head_graph(cfg, get, plan["lm_head"], io_dtype, report), "head")
@@ -215,11 +253,14 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
             "target": target,
             "io_dtype": np.dtype(io_dtype).name,
             "quantization": {k: p.describe() for k, p in plan.items()}
+            | {"kv_cache": {"kind": kv_cache, "asked": kv_asked}}
             | ({"vision_dynamic": calibration} if calibration else {}),
             "attention": {"kind": attention_kind(cfg, io_dtype), "max_len": max_len,
-                          "cache": {"dtype": np.dtype(io_dtype).name,
-                                    "buffers_per_layer": [list(s) for s in cache_shapes(cfg, max_len)]},
-                          "cache_bytes_per_token": cache_bytes_per_token(cfg, io_dtype)},
+                          "cache": {"dtype": cache_dtype.name,
+                                    "buffers_per_layer": [list(s) for s in cache_shapes(cfg, max_len)]}
+                          | ({"scales": "static per (kv head, channel), graph initializers",
+                              "calibration": calibration_kv.info | {"headroom": HEADROOM}} if calibration_kv else {}),
+                          "cache_bytes_per_token": cache_bytes_per_token(cfg, cache_dtype)},
             "graphs": {**graphs, "layers": layers},
             "image_tokens": "image_tokens.safetensors",
             "router_bias": "router_bias.safetensors" if L.topk_method == "noaux_tc" else None,

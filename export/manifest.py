@@ -8,9 +8,10 @@ Top-level keys:
   format, format_version   "vl2edge-artifact", FORMAT_VERSION
   source                   {"checkpoint": path, "config": the checkpoint's config.json}
   target, io_dtype         "cpu" / "float32" or "cuda" / "float16"
-  quantization             per weight group (experts, linear, vision, embedding, lm_head): kind, block_size, ...
+  quantization             per weight group (experts, linear, vision, embedding, lm_head): kind, block_size, ...;
+                           kv_cache: {kind: "int8" | "float", asked: the --kv-cache option}
   attention                kind ("mha_gqa" | "mla_latent_matmul" (fp32) | "mla_absorbed_gqa" (fp16)), max_len, cache
-                           (per-layer buffers), bytes/token
+                           (per-layer buffers, their dtype: the io dtype, or int8 with its calibration), bytes/token
   graphs                   vision, embedding, head: {file, inputs, outputs}; layers: [{attention, mlp, moe}]
   image_tokens             safetensors file with image_newline and view_seperator
   quality_report           per tensor kind: relative error and cosine of the quantized weights
@@ -24,8 +25,8 @@ import json
 from pathlib import Path
 
 FORMAT = "vl2edge-artifact"
-FORMAT_VERSION = 2  # 2: MLA attention kind mla_latent_matmul on fp32 artifacts
-READABLE_FORMAT_VERSIONS = (1, 2)  # 1 differs only in that kind, which the runtime still runs
+FORMAT_VERSION = 3  # 2: MLA attention kind mla_latent_matmul on fp32 artifacts; 3: the cache may be int8
+READABLE_FORMAT_VERSIONS = (1, 2, 3)  # 1 differs from 2 only in that kind, which the runtime still runs
 MANIFEST = "manifest.json"
 
 # onnx.TensorProto element types -> numpy dtype names (no onnx import needed to read a manifest)

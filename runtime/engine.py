@@ -13,6 +13,7 @@ rewinds `length`).
 
 from __future__ import annotations
 
+import ctypes
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,6 +29,15 @@ from .dispatch import ExpertCounts, RoutingConfig, expert_graph_inputs, route
 from .image_layout import scatter_images
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def malloc_trim() -> bool:
+    """Give glibc's free heap pages back to the OS (Linux/glibc; elsewhere a no-op that returns False)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
 
 
 class ContextFullError(ValueError):
@@ -140,6 +150,7 @@ class Engine:
             if self.config.language.n_routed_experts else None
         self.expert_counts = ExpertCounts(self.config.language.n_routed_experts or 0)
         self.timings = StepTimings()
+        self.cache_dtype = np.dtype(m["attention"]["cache"].get("dtype", m["io_dtype"]))  # int8: kv_calibration
         self._allocate_caches([tuple(s) for s in m["attention"]["cache"]["buffers_per_layer"]])
         self.length = 0
 
@@ -152,17 +163,17 @@ class Engine:
         self.cache_arrays, self.caches = [], []
         for _ in self.layers:
             if self.provider == "cuda":
-                vals = [ort.OrtValue.ortvalue_from_shape_and_type(list(s), self.io_dtype.type, "cuda", 0)
+                vals = [ort.OrtValue.ortvalue_from_shape_and_type(list(s), self.cache_dtype.type, "cuda", 0)
                         for s in shapes]
                 arrays = None
             else:
-                arrays = [np.zeros(s, self.io_dtype) for s in shapes]
+                arrays = [np.zeros(s, self.cache_dtype) for s in shapes]
                 vals = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
             self.cache_arrays.append(arrays)
             self.caches.append(vals)
 
     def cache_nbytes(self) -> int:
-        return sum(v.numpy().nbytes if self.provider == "cpu" else int(np.prod(v.shape())) * self.io_dtype.itemsize
+        return sum(v.numpy().nbytes if self.provider == "cpu" else int(np.prod(v.shape())) * self.cache_dtype.itemsize
                    for layer in self.caches for v in layer)
 
     def reset(self) -> None:
@@ -189,6 +200,11 @@ class Engine:
         outs = [vision.run(None, {"pixel_values": pixel_values[i:i + batch].astype(self.io_dtype)})[0]
                 for i in range(0, len(pixel_values), batch)]
         del vision
+        if self.vision is None:
+            # The released session's weights and activations sit in glibc's free lists, still resident. Measured on
+            # real-dims Tiny int4 (5 tiles, then a 3.9k prefill and 16 steps): RSS at the end 2.68 GB with this,
+            # 3.05 GB without.
+            malloc_trim()
         self.timings.vision += time.perf_counter() - t0
         return np.concatenate(outs) if outs else np.zeros((0, 0, 0), self.io_dtype)
 

@@ -105,7 +105,9 @@ def test_runtime_record(bench_run):
     assert set(mem["phases"]) == {"start", "loaded", "after_vision", "after_prefill", "after_ttft", "after_decode"}
     assert set(rt["load_average"]) == {"start", "after_vision", "after_prefill", "after_ttft", "end"}
     L = VL2Config.from_dict(json.loads((Path(rt["artifact"]) / "config.json").read_text())).language
-    assert mem["kv_cache_bytes"] == rt["max_len"] * L.cache_elements_per_token * 4
+    itemsize = 1 if rt["quantization"]["kv_cache"]["kind"] == "int8" else 4  # int4 on test-tiny: int8 cache (auto)
+    assert rt["quantization"]["kv_cache"]["kind"] == "int8"
+    assert mem["kv_cache_bytes"] == rt["max_len"] * L.cache_elements_per_token * itemsize
 
 
 def test_reference_record(bench_run):

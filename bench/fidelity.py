@@ -1,0 +1,264 @@
+"""How far an artifact is from the PyTorch reference, and which quantized stage the distance comes from.
+
+  python -m vl2edge.bench.fidelity ARTIFACT --reference CHECKPOINT [--stages] [--steps 16] [--json out.json]
+
+Teacher-forced comparison: for each of a fixed set of conversations (with and without images), the reference
+(model/, fp32) answers greedily for `steps` tokens; the artifact, through the runtime Engine, is fed the same prompt
+and then the REFERENCE's tokens, so both see identical inputs at every step and their logits can be compared step
+by step however early a near-tie flips a greedy choice. Per step: cosine and relative max error of the logits, and
+whether the top-1 tokens agree. Per MoE layer: the rate at which the artifact's expert selection (the set of top-k
+experts of a token) differs from the reference's, over every prompt and answer token.
+
+--stages attributes the error: the checkpoint is exported again once per quantized stage with that one stage at
+fp32 (vision, embedding, attention, dense_mlp, shared_experts, experts, lm_head; "activations": every int8/int4
+matmul at accuracy_level 0, i.e. fp32 activations; "kv_cache": a float cache instead of int8), each variant is
+measured the same way, and a stage's share is how much of the artifact's mean logit error (1 - cosine) is gone when
+only that stage is exact. Shares need not sum to 1 (errors interact). CPU artifacts only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+# (prompt, image spec or None): images are drawn, so the tool needs no files; sizes exercise one and several tiles
+CONVERSATIONS = (
+    ("<image>\nDescribe this image.", (640, 480)),
+    ("What is written on the sign? <image>", (384, 384)),
+    ("<image>\nLocate <|ref|>the red square<|/ref|>.", (1000, 300)),
+    ("Explain in two sentences why the sky is blue.", None),
+    ("List three prime numbers larger than 100 and add them.", None),
+    ("Translate to French: the robot picks up the cup.", None),
+)
+
+
+def _image(size: tuple[int, int], seed: int):
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    ramp = np.linspace(0, 255, w, dtype=np.float32)[None, :, None] * np.array([1.0, 0.6, 0.3], np.float32)
+    img = Image.fromarray(np.broadcast_to(ramp, (h, w, 3)).astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
+        d.rectangle([x0, y0, x0 + int(rng.integers(20, 120)), y0 + int(rng.integers(20, 120))],
+                    fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    d.text((10, 10), "EXIT 42", fill=(255, 255, 255))
+    return img
+
+
+def prepared_conversations(processor, n: int):
+    out = []
+    for i, (text, size) in enumerate(CONVERSATIONS[:n]):
+        out.append(processor(text, images=[_image(size, i)] if size else None))
+    return out
+
+
+class _SelectionRecorder:
+    """Stands in for the Engine's ExpertCounts: keeps every MoE layer's chosen experts, token by token."""
+
+    def __init__(self):
+        self.idx: dict[int, list[np.ndarray]] = {}
+
+    def add(self, layer: int, idx: np.ndarray) -> None:
+        self.idx.setdefault(layer, []).append(np.asarray(idx).reshape(len(idx), -1))
+
+    def stacked(self) -> dict[int, np.ndarray]:
+        return {layer: np.concatenate(v) for layer, v in self.idx.items()}
+
+
+def reference_run(model, inp, steps: int):
+    """The reference's greedy answer: (tokens [steps], logits [steps, V], selections {moe layer: [tokens, k]})."""
+    import torch
+
+    sel: dict[int, list[np.ndarray]] = {}
+    hooks = []
+    for i, layer in enumerate(model.language.model.layers):
+        if hasattr(layer.mlp, "gate"):
+            hooks.append(layer.mlp.gate.register_forward_hook(
+                lambda mod, args, out, i=i: sel.setdefault(i, []).append(out[0].numpy())))
+    try:
+        with torch.inference_mode():
+            cache = model.new_cache(inp.seq_len + steps)
+            logits = [model(inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop,
+                            cache=cache, all_logits=False)[0, -1].numpy()]
+            tokens = [int(logits[-1].argmax())]
+            for _ in range(steps - 1):
+                x = model.language.model.embed_tokens(torch.tensor([[tokens[-1]]]))
+                logits.append(model.language(x, cache, all_logits=False)[0, -1].numpy())
+                tokens.append(int(logits[-1].argmax()))
+    finally:
+        for h in hooks:
+            h.remove()
+    return tokens, np.stack(logits), {i: np.concatenate(v) for i, v in sel.items()}
+
+
+def artifact_run(engine, inp, tokens: list[int]):
+    """The artifact fed the prompt, then the reference's tokens: (logits [steps, V], selections)."""
+    engine.reset()
+    rec = _SelectionRecorder()
+    counts, engine.expert_counts = engine.expert_counts, rec
+    try:
+        logits = [engine.prefill(engine.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask,
+                                              inp.images_spatial_crop))]
+        for tok in tokens[:-1]:
+            logits.append(engine.decode(tok))
+    finally:
+        engine.expert_counts = counts
+    return np.stack(logits), rec.stacked()
+
+
+def compare(ref_logits, art_logits, ref_sel, art_sel) -> dict:
+    a, r = art_logits.astype(np.float64), ref_logits.astype(np.float64)
+    cos = (a * r).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(r, axis=-1))
+    rel = np.abs(a - r).max(-1) / np.abs(r).max(-1)
+    top1 = a.argmax(-1) == r.argmax(-1)
+    mismatch = {}
+    for layer, ref_idx in ref_sel.items():
+        got = art_sel.get(layer)
+        if got is None or got.shape != ref_idx.shape:
+            raise ValueError(f"layer {layer}: the artifact chose experts for {None if got is None else got.shape} "
+                             f"token slots, the reference for {ref_idx.shape}")
+        mismatch[layer] = float((np.sort(got, -1) != np.sort(ref_idx, -1)).any(-1).mean())
+    return {"cosine": cos.tolist(), "rel_max_error": rel.tolist(), "top1": top1.tolist(),
+            "expert_mismatch": mismatch, "selections": len(next(iter(ref_sel.values()))) if ref_sel else 0}
+
+
+def summarize(per_conv: list[dict]) -> dict:
+    cos = np.concatenate([c["cosine"] for c in per_conv])
+    top1 = np.concatenate([c["top1"] for c in per_conv])
+    layers = sorted({layer for c in per_conv for layer in c["expert_mismatch"]})
+    weights = [c["selections"] for c in per_conv]
+    mism = {str(layer): float(np.average([c["expert_mismatch"][layer] for c in per_conv], weights=weights))
+            for layer in layers}
+    return {"worst_cosine": float(cos.min()), "mean_cosine": float(cos.mean()), "mean_error": float((1 - cos).mean()),
+            "top1_agreement": float(top1.mean()), "worst_rel_max_error": float(max(max(c["rel_max_error"])
+                                                                                  for c in per_conv)),
+            "expert_mismatch_by_layer": mism,
+            "expert_mismatch_mean": float(np.mean(list(mism.values()))) if mism else 0.0}
+
+
+def measure(artifact, model, conversations: int = len(CONVERSATIONS), steps: int = 16, threads: int | None = None,
+            references: list | None = None) -> dict:
+    """Teacher-forced comparison of `artifact` with the reference `model` (a DeepseekVL2). `references`: the
+    reference runs of an earlier call, to reuse (the reference does not change between variants)."""
+    from ..runtime.engine import Engine
+    from ..runtime.processor import Processor
+
+    engine = Engine(artifact, threads=threads)
+    inputs = prepared_conversations(Processor.from_dir(artifact), conversations)
+    if references is None:
+        references = [reference_run(model, inp, steps) for inp in inputs]
+    per_conv = []
+    for inp, (tokens, ref_logits, ref_sel) in zip(inputs, references, strict=True):
+        art_logits, art_sel = artifact_run(engine, inp, tokens)
+        per_conv.append(compare(ref_logits, art_logits, ref_sel, art_sel) | {"prompt_tokens": inp.seq_len})
+    return {"summary": summarize(per_conv), "conversations": per_conv, "references": references}
+
+
+def variant_overrides(manifest: dict) -> dict[str, dict]:
+    """stage -> export() keyword arguments that make only that stage exact, for the stages this artifact quantizes."""
+    from ..export.exporter import STAGES, precision_plan
+    from ..export.linear import Precision
+
+    q = manifest["quantization"]
+    experts = q["experts"]["kind"]
+    if manifest["target"] != "cpu" or experts not in ("int4", "int8"):
+        raise ValueError("--stages needs a cpu artifact with int4/int8 experts (the others have no quantized stage "
+                         "to swap)")
+    block = q["experts"]["block_size"]
+    base = {"experts": experts, "block_size": block, "dense": q["linear"]["kind"],
+            "vision": "int8-dynamic" if "vision_dynamic" in q else "int8",
+            "kv_cache": q.get("kv_cache", {}).get("kind", "float")}
+    plan = precision_plan(experts, block, "cpu", base["dense"])
+    plan.update({k: Precision(**{f: v for f, v in q[k].items() if f in ("kind", "block_size", "accuracy_level")})
+                 for k in STAGES if k in q})
+    fp32 = Precision("fp32")
+    out = {}
+    for stage in STAGES:
+        prec = plan.get(stage, plan["linear"])
+        if prec.kind != "fp32":
+            out[stage] = base | {"stage_precision": {stage: fp32}} | ({"vision": "int8"} if stage == "vision" else {})
+    out["activations"] = base | {"stage_precision": {s: replace(plan.get(s, plan["linear"]), accuracy_level=0)
+                                                     for s in STAGES if plan.get(s, plan["linear"]).bits}}
+    if base["kv_cache"] == "int8":
+        out["kv_cache"] = base | {"kv_cache": "float"}
+    return out
+
+
+def run(artifact, reference, conversations: int = len(CONVERSATIONS), steps: int = 16, stages: bool = False,
+        threads: int | None = None, work_dir=None, progress: bool = True) -> dict:
+    from ..export.exporter import export
+    from ..model.vl2 import DeepseekVL2
+    from ..runtime.artifact import open_artifact
+
+    manifest = open_artifact(artifact).manifest
+    model = DeepseekVL2.from_checkpoint(reference)
+    base = measure(artifact, model, conversations, steps, threads)
+    doc = {"artifact": str(artifact), "reference": str(reference), "steps": steps, "conversations": conversations,
+           "quantization": manifest["quantization"], "summary": base["summary"],
+           "per_conversation": base["conversations"], "stages": {}}
+    if stages:
+        with tempfile.TemporaryDirectory(dir=work_dir, prefix="vl2edge-fidelity-") as tmp:
+            for stage, opts in variant_overrides(manifest).items():
+                if progress:
+                    print(f"stage {stage}: exporting the variant with it exact", file=sys.stderr)
+                art = export(reference, Path(tmp) / stage, force=True, progress=False, **opts)
+                s = measure(art, model, conversations, steps, threads, references=base["references"])["summary"]
+                s["share_of_error"] = (1 - s["mean_error"] / base["summary"]["mean_error"]
+                                       if base["summary"]["mean_error"] > 0 else 0.0)
+                doc["stages"][stage] = s
+    return doc
+
+
+def table(doc: dict) -> str:
+    s = doc["summary"]
+    lines = [f"fidelity of {doc['artifact']} against {doc['reference']}: {doc['conversations']} conversations, "
+             f"{doc['steps']} teacher-forced steps",
+             f"worst logit cosine {s['worst_cosine']:.6f}  mean {s['mean_cosine']:.6f}  top-1 agreement "
+             f"{s['top1_agreement']:.3f}  worst rel. max error {s['worst_rel_max_error']:.4f}  expert selection "
+             f"differs {s['expert_mismatch_mean']:.3f} (mean over MoE layers)"]
+    if s["expert_mismatch_by_layer"]:
+        lines.append("expert selection mismatch by layer: " + ", ".join(
+            f"{k}: {v:.3f}" for k, v in s["expert_mismatch_by_layer"].items()))
+    if doc["stages"]:
+        lines.append(f"{'stage made exact':<18}{'worst cos':>11}{'mean err':>11}{'top-1':>8}{'experts≠':>10}"
+                     f"{'share of error':>16}")
+        lines.append(f"{'(none)':<18}{s['worst_cosine']:>11.6f}{s['mean_error']:>11.2e}{s['top1_agreement']:>8.3f}"
+                     f"{s['expert_mismatch_mean']:>10.3f}{'':>16}")
+        for stage, v in doc["stages"].items():
+            lines.append(f"{stage:<18}{v['worst_cosine']:>11.6f}{v['mean_error']:>11.2e}{v['top1_agreement']:>8.3f}"
+                         f"{v['expert_mismatch_mean']:>10.3f}{v['share_of_error']:>16.1%}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vl2edge.bench.fidelity", description=__doc__.split("\n\n")[0])
+    p.add_argument("artifact", help="exported artifact directory")
+    p.add_argument("--reference", required=True, help="the checkpoint it was exported from (directory or hub id)")
+    p.add_argument("--steps", type=int, default=16, help="teacher-forced answer tokens per conversation")
+    p.add_argument("--conversations", type=int, default=len(CONVERSATIONS), choices=range(1, len(CONVERSATIONS) + 1),
+                   metavar=f"1..{len(CONVERSATIONS)}")
+    p.add_argument("--stages", action="store_true", help="attribute the error to each quantized stage (exports one "
+                                                         "variant per stage into a temporary directory)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="write the full document here")
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error("--steps must be at least 1")
+    doc = run(args.artifact, args.reference, args.conversations, args.steps, args.stages, args.threads)
+    print(table(doc))
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""bench/fidelity.py: the teacher-forced comparison of an artifact with the PyTorch reference, per-stage error
+attribution, and the precision policy it backs (README, "Precision policy").
+
+The reference here is model/ (itself checked against transformers and timm in test_parity_transformers.py); an
+fp32 artifact must come out exact, which checks the tool's alignment of steps and expert selections."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vl2edge.bench import fidelity
+from vl2edge.export.exporter import export
+from vl2edge.model.vl2 import DeepseekVL2
+
+PRESETS = ("test-tiny", "test-small", "test-vl2")
+# The precision policy (README): worst logit cosine and top-1 agreement over 6 conversations x 16 teacher-forced
+# steps. Met on the softmax-routed presets; test-vl2 (sigmoid + correction-bias routing) is not there yet: its error
+# is expert-selection flips (README, "Precision policy"), checked separately below.
+POLICY = {"int8": (0.999, 0.95), "int4": (0.99, 0.95)}
+
+
+@pytest.fixture(scope="module")
+def exported(test_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fidelity")
+    cache = {}
+
+    def get(preset, experts):
+        if (preset, experts) not in cache:
+            cache[preset, experts] = export(test_checkpoints[preset], root / f"{preset}-{experts}", experts=experts,
+                                            progress=False)
+        return cache[preset, experts]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def references(test_checkpoints):
+    return {p: DeepseekVL2.from_checkpoint(test_checkpoints[p]) for p in PRESETS}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_the_fp32_artifact_is_exact_under_the_tool(exported, references, preset):
+    doc = fidelity.measure(exported(preset, "fp32"), references[preset], conversations=3, steps=6)
+    s = doc["summary"]
+    assert s["worst_cosine"] > 0.99999 and s["top1_agreement"] == 1.0 and s["worst_rel_max_error"] < 1e-4
+    assert s["expert_mismatch_mean"] == 0.0 and len(s["expert_mismatch_by_layer"]) == 2  # both MoE layers seen
+    first = doc["conversations"][0]
+    assert len(first["cosine"]) == 6 and first["selections"] == first["prompt_tokens"] + 5
+
+
+@pytest.mark.parametrize("preset", ["test-tiny", "test-small"])
+@pytest.mark.parametrize("experts", ["int8", "int4"])
+def test_quantized_artifacts_meet_the_precision_policy(exported, references, preset, experts):
+    s = fidelity.measure(exported(preset, experts), references[preset])["summary"]
+    min_cos, min_top1 = POLICY[experts]
+    assert s["worst_cosine"] >= min_cos and s["top1_agreement"] >= min_top1, s
+
+
+def test_stages_attribute_the_error_and_the_cli_writes_json(exported, test_checkpoints, tmp_path, capsys):
+    art = exported("test-tiny", "int4")
+    manifest = json.loads((art / "manifest.json").read_text())
+    variants = fidelity.variant_overrides(manifest)
+    assert set(variants) == {"vision", "embedding", "attention", "dense_mlp", "shared_experts", "experts", "lm_head",
+                             "activations", "kv_cache"}
+    assert variants["kv_cache"]["kv_cache"] == "float"
+    out = tmp_path / "fid.json"
+    assert fidelity.main([str(art), "--reference", str(test_checkpoints["test-tiny"]), "--stages",
+                          "--conversations", "2", "--steps", "4", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert set(doc["stages"]) == set(variants)
+    assert doc["stages"]["experts"]["mean_error"] < doc["summary"]["mean_error"]  # int4 experts: the largest part
+    assert "share of error" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="int4/int8 experts"):
+        fidelity.variant_overrides(json.loads((exported("test-tiny", "fp32") / "manifest.json").read_text()))
+
+
+def test_vl2_routing_error_is_attributed_to_the_routed_experts(exported, references, test_checkpoints):
+    """Where the policy is missed (test-vl2 int4), the tool must say why: with only the routed experts exact, most
+    of the error and of the expert-selection differences are gone."""
+    art = exported("test-vl2", "int4")
+    doc = fidelity.run(art, test_checkpoints["test-vl2"], stages=True, progress=False)
+    stages, base = doc["stages"], doc["summary"]
+    assert stages["experts"]["share_of_error"] > 0.5
+    assert max(stages, key=lambda k: stages[k]["share_of_error"]) == "experts"
+    assert stages["experts"]["expert_mismatch_mean"] < base["expert_mismatch_mean"]

@@ -1,0 +1,149 @@
+"""The int8 KV cache (export/kv_calibration.py + GroupQueryAttention with PER_CHANNEL scales).
+
+Checked against hand-derived math, not against our graphs: a numpy emulation of the layer (the reference module's
+projections and RoPE, then the cache written with quantize_cache, attention over the DEQUANTIZED cache in numpy)
+must give the ORT graph's outputs and its int8 cache rows; and the whole artifact must stay within the precision
+policy of the teacher-forced comparison against the fp32 reference (bench/fidelity.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vl2edge.export.attention import build_attention_graph, cache_ortvalues, new_cache_arrays, run_attention_step
+from vl2edge.export.exporter import ExportError, export
+from vl2edge.export.kv_calibration import (
+    HEADROOM,
+    QMAX,
+    KVCalibration,
+    key_scales,
+    quantize_cache,
+    value_scales,
+)
+from vl2edge.export.linear import Precision
+from vl2edge.model.checkpoint import Checkpoint
+from vl2edge.model.language import apply_rope, rope_cos_sin
+from vl2edge.model.vl2 import DeepseekVL2
+from vl2edge.runtime.engine import Engine
+
+MAX_LEN = 64
+CHUNKS = [23] + [1] * 12 + [4]
+
+
+@pytest.fixture(scope="module")
+def tiny(test_checkpoints):
+    path = test_checkpoints["test-tiny"]
+    ckpt = Checkpoint.open(path)
+    get = lambda n: ckpt.tensor(n, torch.float32).numpy()  # noqa: E731
+    return ckpt.config, get, DeepseekVL2.from_checkpoint(path), path
+
+
+def emulated_step(mod, L, x, past, kq, vq, ks, vs):
+    """Layer `mod`'s attention half with an int8 cache, by hand: returns hidden_out [1, t, H]; writes kq/vq."""
+    nh, kvh, hd, t = L.num_attention_heads, L.num_key_value_heads, L.head_dim, x.shape[1]
+    a = mod.self_attn
+    with torch.no_grad():
+        h = mod.input_layernorm(torch.from_numpy(x))
+        q, k, v = (p(h).view(1, t, n, hd).transpose(1, 2) for p, n in ((a.q_proj, nh), (a.k_proj, kvh),
+                                                                        (a.v_proj, kvh)))
+        cos, sin = rope_cos_sin(torch.arange(past, past + t), hd, L.rope_theta, torch.float32)
+        q, k = apply_rope(q, cos, sin)[0].numpy(), apply_rope(k, cos, sin)[0].numpy()
+    kq[:, past:past + t] = quantize_cache(k, ks)
+    vq[:, past:past + t] = quantize_cache(v[0].numpy(), vs)
+    keys = kq[:, :past + t].astype(np.float32) * ks[:, None]
+    values = vq[:, :past + t].astype(np.float32) * vs[:, None]
+    rep = nh // kvh
+    scores = np.einsum("hqd,hkd->hqk", q, np.repeat(keys, rep, 0)) * L.softmax_scale
+    scores[:, np.arange(t)[:, None] + past < np.arange(past + t)[None, :]] = -np.inf  # causal
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    o = np.einsum("hqk,hkd->qhd", p, np.repeat(values, rep, 0)).reshape(1, t, nh * hd)
+    with torch.no_grad():
+        return x + a.o_proj(torch.from_numpy(o.astype(np.float32))).numpy()
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_int8_cache_graph_equals_the_hand_derived_layer(tiny, layer):
+    import onnxruntime as ort
+
+    cfg, get, model, path = tiny
+    L = cfg.language
+    cal = KVCalibration(cfg, get, path)
+    for i in range(layer + 1):
+        ks, vs = cal.layer_scales(i)
+    g = build_attention_graph(cfg, layer, get, Precision("fp32"), max_len=MAX_LEN, kv_scales=(ks, vs))
+    sess = ort.InferenceSession(g.model().SerializeToString(), providers=["CPUExecutionProvider"])
+    arrays = new_cache_arrays(cfg, MAX_LEN, np.int8)[layer]
+    assert all(a.dtype == np.int8 for a in arrays)
+    buffers = cache_ortvalues(arrays)
+    kq, vq = (np.zeros((L.num_key_value_heads, MAX_LEN, L.head_dim), np.int8) for _ in range(2))
+    mod = model.language.model.layers[layer]
+    rng = np.random.default_rng(layer)
+    past = 0
+    for t in CHUNKS:
+        x = rng.standard_normal((1, t, L.hidden_size)).astype(np.float32)
+        hidden_out, _, _ = run_attention_step(sess, buffers, x, past)
+        want = emulated_step(mod, L, x, past, kq, vq, ks, vs)
+        past += t
+        err = np.abs(hidden_out - want).max() / np.abs(want - x).max()
+        assert err < 2e-3, (t, past, err)  # of the attention branch; ties in rounding may differ by one step
+        for got, ref in ((arrays[0][0], kq), (arrays[1][0], vq)):
+            diff = np.abs(got[:, :past].astype(int) - ref[:, :past])
+            assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+    assert not arrays[0][0, :, past:].any()  # nothing written past the context
+
+
+def test_scales_cover_every_rotation_of_the_calibration_keys():
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((2, 50, 8)).astype(np.float32) * np.array([1, 5, 0.1, 2, 3, 1, 0.5, 4], np.float32)
+    v = rng.standard_normal((2, 50, 8)).astype(np.float32)
+    ks, vs = key_scales(k), value_scales(v)
+    assert ks.shape == vs.shape == (2, 8) and ks.dtype == np.float32
+    np.testing.assert_allclose(vs, np.abs(v).max(1) * HEADROOM / QMAX, rtol=1e-6)
+    np.testing.assert_array_equal(ks[:, :4], ks[:, 4:])  # one scale per rotate-half pair
+    for theta in np.linspace(0, 2 * np.pi, 17):  # the same keys at any other position: never clamped
+        c, s = np.cos(theta), np.sin(theta)
+        rot = np.concatenate([k[..., :4] * c - k[..., 4:] * s, k[..., 4:] * c + k[..., :4] * s], -1)
+        assert (np.abs(rot / ks[:, None]) <= QMAX / HEADROOM + 1e-3).all()
+    assert (value_scales(np.zeros((1, 3, 4), np.float32)) > 0).all()  # an all-zero channel keeps a usable scale
+
+
+def test_calibration_runs_layers_in_order_on_image_and_text_tokens(tiny, test_checkpoints):
+    cfg, get, _, path = tiny
+    cal = KVCalibration(cfg, get, path)
+    assert cal.info["image_tokens"] == 196 and cal.info["text_tokens"] > 100
+    with pytest.raises(ValueError, match="layer 1 asked for"):
+        cal.layer_scales(1)
+    ks, vs = cal.layer_scales(0)
+    assert ks.shape == (cfg.language.num_key_value_heads, cfg.language.head_dim) and (ks > 0).all()
+    small = Checkpoint.open(test_checkpoints["test-small"])
+    with pytest.raises(ValueError, match="MLA latent cache"):
+        KVCalibration(small.config, lambda n: small.tensor(n, torch.float32).numpy())
+
+
+def test_export_chooses_the_cache_and_the_engine_allocates_it(test_checkpoints, tmp_path):
+    int4 = export(test_checkpoints["test-tiny"], tmp_path / "int4", experts="int4", progress=False)
+    m = json.loads((int4 / "manifest.json").read_text())
+    assert m["quantization"]["kv_cache"] == {"kind": "int8", "asked": "auto"}
+    assert m["attention"]["cache"]["dtype"] == "int8" and m["attention"]["cache"]["calibration"]["image_tokens"]
+    L = Checkpoint.open(test_checkpoints["test-tiny"]).config.language
+    assert m["attention"]["cache_bytes_per_token"] == L.num_hidden_layers * 2 * L.num_key_value_heads * L.head_dim
+    eng = Engine(int4)
+    assert eng.cache_arrays[0][0].dtype == np.int8
+    assert eng.cache_nbytes() == m["attention"]["cache_bytes_per_token"] * m["attention"]["max_len"]
+    eng.prefill(eng.embed(np.arange(5, 40)))
+    assert eng.cache_arrays[1][0][0, :, :35].any() and not eng.cache_arrays[1][0][0, :, 35:].any()
+
+    asked = export(test_checkpoints["test-tiny"], tmp_path / "int8f", experts="int8", progress=False)
+    assert json.loads((asked / "manifest.json").read_text())["attention"]["cache"]["dtype"] == "float32"
+    small = export(test_checkpoints["test-small"], tmp_path / "small", experts="int4", progress=False)
+    assert json.loads((small / "manifest.json").read_text())["quantization"]["kv_cache"]["kind"] == "float"
+    with pytest.raises(ExportError, match="MHA model"):
+        export(test_checkpoints["test-small"], tmp_path / "x", experts="int4", kv_cache="int8", progress=False)
+    with pytest.raises(ExportError, match="--kv-cache 'int4'"):
+        export(test_checkpoints["test-tiny"], tmp_path / "y", kv_cache="int4", progress=False)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
