@@ -298,8 +298,8 @@ def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids
     new = g.op("Reshape", [latent, g.const("latent_rows", i64(-1, width))], out_names=["latent_new"])  # [T, width]
     past = g.input("past_latent", io_dtype, ["P", width])
     scale = float(L.softmax_scale)
-    decoding = g.op("Equal", [g.op("Squeeze", [g.op("Shape", [new], start=0, end=1)]), g.const("one", np.array(1, np.int64))],
-                    hint="decoding")
+    t = g.op("Squeeze", [g.op("Shape", [new], start=0, end=1)])
+    decoding = g.op("Equal", [t, g.const("one", np.array(1, np.int64))], hint="decoding")
 
     # decode: T = 1, so the query rows are the nh heads and nothing needs a causal mask
     d = g.branch("decode")
