@@ -35,6 +35,8 @@ Precision policy (recorded in the manifest):
        With fp32 experts everything is fp32: the parity artifact.
   cuda target: fp16 I/O, fp16 non-expert weights (tensor-core GEMMs; int8 activations do not exist there),
        experts as asked (QMoE int4/int8 or fp16 MoE).
+  KV cache (`kv_cache`): int8 with export-time calibrated scales (export/kv_calibration.py) for int4 experts on cpu
+       when the model is MHA (auto), else the I/O dtype. bench/fidelity.py measures what each choice costs.
 """
 
 from __future__ import annotations
