@@ -132,7 +132,7 @@ def build_attention_graph(cfg: VL2Config, layer: int, get: Callable[[str], np.nd
         raise ValueError("an int8 KV cache is for MHA models with fp32 I/O (the CPU kernel)")
     build = _mha if not L.use_mla else _mla_gqa if mla_form(io_dtype) == MLA_GQA else _mla_latent
     attn, presents, cache_shape = build(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids,
-                                        seqlens_k, total, **({"kv_scales": kv_scales} if kv_scales else {}))
+                                        seqlens_k, total, **({"kv_scales": kv_scales} if kv_scales is not None else {}))
     cache_dtype = np.int8 if kv_scales is not None else io_dtype
     o = emit_linear(g, attn, get(pfx + "self_attn.o_proj.weight"), prec, io_dtype, hint=pfx + "self_attn.o_proj",
                     report=report, report_kind="attention.o")
@@ -367,7 +367,7 @@ def cache_ortvalues(arrays: Sequence[np.ndarray]) -> list:
     return out
 
 
-_ONNX_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
+_ONNX_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 def session_attention_kind(session) -> str:
