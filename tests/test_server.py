@@ -1,0 +1,494 @@
+"""`vl2edge serve`: the OpenAI-compatible server, through real clients (the `openai` package and raw HTTP).
+
+The server runs in this process (uvicorn on a thread, port 0) over a test-tiny INT4 artifact, except the RSS test,
+which starts the `vl2edge serve` command. Tests that need the model to be busy or slow at a known point hold it
+there with an Event (a job in the queue, or a decode step that waits), never with a sleep: nothing here depends
+on how fast the machine is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.client
+import io
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uvicorn
+from openai import OpenAI
+from PIL import Image
+
+import vl2edge
+from vl2edge.export.exporter import export
+from vl2edge.runtime.generation import Result
+from vl2edge.runtime.grounding import parse_grounding
+from vl2edge.runtime.openai_request import ImagePolicy, parse_chat_request
+from vl2edge.runtime.server import ChatServer, Job, ServerOptions
+
+MODEL_ID = "test-tiny-int4"
+MAX_PIXELS = 1_000_000
+
+
+# --- fixtures and helpers ---------------------------------------------------------------------------------------
+class Running:
+    """A ChatServer on uvicorn in a background thread, on a free port."""
+
+    def __init__(self, model, **options):
+        self.chat = ChatServer(model, ServerOptions(model_id=MODEL_ID, **options))
+        config = uvicorn.Config(self.chat.app(), host="127.0.0.1", port=0, log_level="warning")
+        self.uvicorn = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.uvicorn.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.01)
+        self.port = self.uvicorn.servers[0].sockets[0].getsockname()[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kw) -> OpenAI:
+        return OpenAI(base_url=self.base + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(30)
+
+
+def request(port: int, method: str, path: str, body=None, headers: dict | None = None):
+    """Raw HTTP: (status, headers, parsed JSON or text)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        raw = resp.read()
+        ctype = resp.getheader("Content-Type", "")
+        return resp.status, dict(resp.getheaders()), json.loads(raw) if "json" in ctype else raw.decode()
+    finally:
+        conn.close()
+
+
+def chat_body(content, max_tokens=8, **kw):
+    return {"model": MODEL_ID, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, **kw}
+
+
+def png_bytes(size=(300, 200), seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def artifact(test_checkpoints, tmp_path_factory):
+    return export(test_checkpoints["test-tiny"], tmp_path_factory.mktemp("serve") / "tiny-int4", experts="int4",
+                  block_size=32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference(artifact):
+    """The Python API on the same artifact: what the server must answer."""
+    return vl2edge.load(artifact, threads=1)
+
+
+@pytest.fixture(scope="module")
+def served(artifact):
+    model = vl2edge.load(artifact, threads=1)
+    model.processor.image_options["max_pixels"] = MAX_PIXELS
+    server = Running(model, max_queue=8, max_images=3, max_body_bytes=4 * 2 ** 20)
+    yield server
+    server.stop()
+
+
+# --- answers ----------------------------------------------------------------------------------------------------
+def test_openai_client_answers_equal_model_generate(served, reference):
+    client = served.client()
+    image = png_bytes((300, 200), 1)
+    messages = [{"role": "system", "content": "You are a careful robot."},
+                {"role": "user", "content": [{"type": "text", "text": "What is on the table?"},
+                                             {"type": "image_url", "image_url": {"url": data_url(image)}}]}]
+    expected = reference.generate(
+        [messages[0], {"role": "user", "content": "<image>\nWhat is on the table?", "images": [image]}],
+        max_new_tokens=12, reuse_cache=False)
+
+    r = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == expected.text and r.choices[0].message.role == "assistant"
+    assert r.usage.completion_tokens == len(expected.token_ids)
+    assert r.usage.prompt_tokens == expected.prompt_tokens
+    assert r.choices[0].finish_reason == {"eos": "stop", "max_new_tokens": "length"}[expected.stop_reason]
+    extra = r.model_extra["vl2edge"]
+    assert extra["stop_reason"] == expected.stop_reason
+    assert extra["grounding"]["images"] == [{"width": 300, "height": 200}]
+    assert extra["timings"]["vision_tiles"] > 0 and extra["timings"]["ttft_s"] > 0
+
+    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=12, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == r.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(expected.token_ids)
+    # the same prompt again: everything but its last token comes from the KV cache
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == expected.prompt_tokens - 1
+
+
+def test_a_resent_conversation_prefills_only_the_new_turn(served, reference):
+    client = served.client()
+    image = png_bytes((200, 300), 2)
+    turn1 = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                                          {"type": "text", "text": "Describe it."}]}]
+    r1 = client.chat.completions.create(model=MODEL_ID, messages=turn1, max_tokens=6)
+    turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content},
+                     {"role": "user", "content": "And the colours?"}]
+    r2 = client.chat.completions.create(model=MODEL_ID, messages=turn2, max_tokens=6)
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    assert cached >= r1.usage.prompt_tokens
+    assert r2.model_extra["vl2edge"]["timings"]["prefill_tokens"] == r2.usage.prompt_tokens - cached
+    assert r2.model_extra["vl2edge"]["timings"]["vision_tiles"] == 0
+    expected = reference.generate(
+        [{"role": "user", "content": "<image>\nDescribe it.", "images": [image]},
+         {"role": "assistant", "content": r1.choices[0].message.content},
+         {"role": "user", "content": "And the colours?"}], max_new_tokens=6, reuse_cache=False)
+    assert r2.choices[0].message.content == expected.text
+
+
+def test_a_file_url_is_the_same_image_as_a_data_url(served, tmp_path):
+    path = tmp_path / "scene one.png"
+    path.write_bytes(png_bytes((320, 240), 3))
+    answers = []
+    for url in (data_url(path.read_bytes()), path.as_uri()):
+        status, _, body = request(served.port, "POST", "/v1/chat/completions", chat_body(
+            [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Read it."}]))
+        assert status == 200, body
+        answers.append((body["choices"][0]["message"]["content"], body["usage"]["prompt_tokens"]))
+    assert answers[0] == answers[1]
+
+
+class ScriptedModel:
+    """Stands in for Model: streams fixed text (grounding tags included), to check how the server maps it."""
+
+    def __init__(self, deltas, image_size):
+        self.deltas, self.image_size, self.max_len, self.provider = deltas, image_size, 4096, "cpu"
+        self.engine = type("E", (), {"artifact": type("A", (), {"dir": Path("scripted")})})()
+
+    def stream(self, messages, chunk_size=512, **options):
+        model = self
+
+        class Stream:
+            inputs = type("I", (), {"image_sizes": (model.image_size,)})()
+            result = None
+
+            def __iter__(self):
+                yield from model.deltas
+                text = "".join(model.deltas)
+                self.result = Result(text=text, token_ids=list(range(len(model.deltas))), stop_reason="eos",
+                                     prompt_tokens=10, cached_tokens=0, image_sizes=(model.image_size,),
+                                     grounding=parse_grounding(text, model.image_size), timings={"ttft_s": 0.01})
+
+            def cancel(self):
+                pass
+
+        return Stream()
+
+
+def test_grounding_boxes_arrive_in_pixels_as_soon_as_they_close():
+    deltas = ["<|ref|>", "the mug", "<|/ref|>", "<|det|>", "[[", "100, 0, ", "999, 499", "]]", "<|/det|>", " done"]
+    server = Running(ScriptedModel(deltas, (640, 480)))
+    try:
+        client = server.client()
+        msg = [{"role": "user", "content": "<|ref|>the mug<|/ref|>."}]
+        chunks = list(client.chat.completions.create(model=MODEL_ID, messages=msg, stream=True))
+        with_boxes = [i for i, c in enumerate(chunks) if (c.model_extra.get("vl2edge") or {}).get("boxes")]
+        box_chunk = chunks[with_boxes[0]]
+        assert box_chunk.choices[0].delta.content.endswith("]") and len(with_boxes) == 1
+        (box,) = box_chunk.model_extra["vl2edge"]["boxes"]
+        assert box["label"] == "the mug" and box["coords"] == [100, 0, 999, 499]
+        assert box["xyxy"] == [round(100 / 999 * 640, 2), 0.0, 640.0, round(499 / 999 * 480, 2)]
+        final = chunks[-1].model_extra["vl2edge"]
+        assert final["grounding"]["boxes"] == [box] and final["grounding"]["image_index"] == 0
+        r = client.chat.completions.create(model=MODEL_ID, messages=msg)
+        assert r.model_extra["vl2edge"]["grounding"]["boxes"] == [box]
+        assert r.choices[0].finish_reason == "stop"
+    finally:
+        server.stop()
+
+
+# --- errors -----------------------------------------------------------------------------------------------------
+BIG_IMAGE = io.BytesIO()
+Image.new("RGB", (1200, 1000), (200, 30, 30)).save(BIG_IMAGE, "PNG")
+BAD_REQUESTS = {
+    "not json": (b"{bad", 400, None),
+    "empty body": (b"", 400, None),
+    "not an object": ([1, 2], 400, None),
+    "no messages": ({"model": MODEL_ID}, 400, "messages"),
+    "messages not a list": ({"messages": "hi"}, 400, "messages"),
+    "content of the wrong type": ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    "unknown role": ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
+    "temperature a string": (chat_body("hi", temperature="hot"), 400, "temperature"),
+    "temperature out of range": (chat_body("hi", temperature=3), 400, "temperature"),
+    "max_tokens zero": (chat_body("hi", max_tokens=0), 400, "max_tokens"),
+    "stream not a bool": (chat_body("hi", stream="yes"), 400, "stream"),
+    "n of two": (chat_body("hi", n=2), 400, "n"),
+    "stop of the wrong type": (chat_body("hi", stop=[1]), 400, "stop"),
+    "http image": (chat_body([{"type": "image_url", "image_url": {"url": "https://x.org/a.png"}}]), 400,
+                   "messages[0].content[0].image_url"),
+    "bad base64": (chat_body([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]), 400,
+                   "messages[0].content[0].image_url"),
+    "not an image": (chat_body([{"type": "image_url", "image_url": {"url": data_url(b"hello world")}}]), 400,
+                     "messages"),
+    "too many pixels": (chat_body([{"type": "image_url", "image_url": {"url": data_url(BIG_IMAGE.getvalue())}}]),
+                        400, "messages"),
+    "too many images": (chat_body([{"type": "image_url", "image_url": {"url": data_url(png_bytes((40, 40)))}}] * 4),
+                        400, "messages"),
+    "image in an assistant turn": ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(png_bytes((40, 40)))}}]}]}, 400, "messages[1].content[0]"),
+    "tags without images": (chat_body("<image>\n<image>\nCompare."), 400, "messages"),
+    "prompt longer than the context": (chat_body("word " * 5000), 400, "messages"),
+    "unknown model": (chat_body("hi", model="gpt-4o"), 404, "model"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_get_their_status_and_a_json_error(served, case):
+    body, status, param = BAD_REQUESTS[case]
+    got, headers, answer = request(served.port, "POST", "/v1/chat/completions", body)
+    assert got == status, answer
+    err = answer["error"]
+    assert isinstance(err["message"], str) and err["message"] and "Traceback" not in err["message"]
+    assert err["type"] and err["param"] == param
+    if case == "prompt longer than the context":
+        assert err["code"] == "context_length_exceeded" and "tokens too many" in err["message"]
+    if case == "too many pixels":
+        assert "exceeds the limit" in err["message"] and err["code"] == "invalid_image"
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(served):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", served.port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n{" % (5 * 2 ** 20))
+        head, _, body = sock.makefile("rb").read().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and json.loads(body)["error"]["code"] == "body_too_large"
+    chunked = (b'{"messages": "' + b"x" * (4 * 2 ** 20) + b'"}')  # no Content-Length: counted as it arrives
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=iter([chunked[:1000], chunked[1000:]]),
+                     headers={"Content-Type": "application/json"}, encode_chunked=True)
+        resp = conn.getresponse()
+        assert resp.status == 413 and json.loads(resp.read())["error"]["code"] == "body_too_large"
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server may close before the client has sent everything; it answered and is still up
+    finally:
+        conn.close()
+    assert request(served.port, "GET", "/health")[0] == 200
+
+
+def test_routes_methods_and_the_server_survives_bad_input(served):
+    assert request(served.port, "GET", "/nope")[0] == 404
+    status, _, body = request(served.port, "GET", "/v1/chat/completions")
+    assert status == 405 and body["error"]["code"] == "method_not_allowed"
+    status, _, body = request(served.port, "GET", "/v1/models")
+    assert status == 200 and [m["id"] for m in body["data"]] == [MODEL_ID]
+    assert body["data"][0]["vl2edge"]["context"] == 4096
+    assert request(served.port, "GET", f"/v1/models/{MODEL_ID}")[0] == 200
+    assert request(served.port, "GET", "/v1/models/other")[0] == 404
+    for body in BAD_REQUESTS.values():
+        request(served.port, "POST", "/v1/chat/completions", body[0])
+    assert request(served.port, "GET", "/health")[2]["status"] == "ok"
+    status, _, answer = request(served.port, "POST", "/v1/chat/completions", chat_body("Still there?"))
+    assert status == 200 and answer["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_file_urls_can_be_turned_off():
+    body = chat_body([{"type": "image_url", "image_url": {"url": Path(__file__).resolve().as_uri()}}])
+    with pytest.raises(Exception, match="turned off"):
+        parse_chat_request(body, ImagePolicy(allow_file_urls=False))
+    req = parse_chat_request(body, ImagePolicy(allow_file_urls=True))
+    assert req.messages[0]["images"] == [str(Path(__file__).resolve())]
+
+
+def test_request_fields_map_to_the_runtime():
+    req = parse_chat_request({"messages": [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "first"}, {"type": "image_url", "image_url": "data:"
+                                      "image/png;base64," + base64.b64encode(b"x").decode()},
+                                     {"type": "text", "text": "second"}]},
+        {"role": "user", "content": [{"type": "text", "text": "A <image> then"},
+                                     {"type": "image_url", "image_url": {"url": data_url(b"y")}}]}],
+        "max_completion_tokens": 7, "top_p": 0.5, "seed": 3, "stop": "END", "top_k": -1,
+        "repetition_penalty": 1.1, "presence_penalty": 0})
+    assert req.messages[0] == {"role": "system", "content": "Be brief."}
+    assert req.messages[1] == {"role": "user", "content": "<image>\nfirst\nsecond", "images": [b"x"]}
+    assert req.messages[2]["content"] == "A <image> then"  # the user's own tag placement is kept
+    assert req.options == {"max_new_tokens": 7, "temperature": 0.0, "top_p": 0.5, "top_k": 0,
+                           "repetition_penalty": 1.1, "seed": 3, "stop": ["END"]}
+    assert req.num_images == 2 and not req.stream
+
+
+def test_an_api_key_is_required_when_set(reference):
+    server = Running(reference, api_key="s3cret")
+    try:
+        assert request(server.port, "GET", "/health")[0] == 200  # liveness stays open
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            status, hdrs, body = request(server.port, "POST", "/v1/chat/completions", chat_body("hi"), headers)
+            assert status == 401 and body["error"]["code"] == "invalid_api_key" and hdrs["www-authenticate"]
+            assert request(server.port, "GET", "/metrics", headers=headers)[0] == 401
+        r = server.client(api_key="s3cret").chat.completions.create(model=MODEL_ID, messages=[
+            {"role": "user", "content": "hi"}], max_tokens=2)
+        assert r.usage.completion_tokens >= 1
+    finally:
+        server.stop()
+
+
+# --- one at a time: the queue, disconnects ----------------------------------------------------------------------
+def test_a_full_queue_refuses_with_429_and_every_request_is_answered(served):
+    chat = served.chat
+    before = dict(chat.metrics.requests)
+    gate, holding = threading.Event(), threading.Event()
+
+    def hold(job):
+        holding.set()
+        gate.wait(120)
+
+    blocker = Job(hold, asyncio.new_event_loop())  # nobody listens to its events
+    chat.scheduler.submit(blocker)
+    assert holding.wait(60)
+    results: list = [None] * 50
+
+    def send(i):
+        results[i] = request(served.port, "POST", "/v1/chat/completions", chat_body(f"Question {i}?", max_tokens=3))
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120  # the model is held: exactly 8 wait and 42 are refused, whatever the timing
+    while not (chat.scheduler.depth() == 8 and sum(r is not None for r in results) == 42):
+        assert time.monotonic() < deadline, (chat.scheduler.depth(), sum(r is not None for r in results))
+        time.sleep(0.02)
+    gate.set()
+    for t in threads:
+        t.join(120)
+    statuses = sorted(r[0] for r in results)
+    assert statuses == [200] * 8 + [429] * 42
+    for status, headers, body in results:
+        if status == 429:
+            assert int(headers["retry-after"]) >= 1 and body["error"]["type"] == "rate_limit_error"
+        else:
+            assert body["choices"][0]["message"]["content"] is not None
+    assert chat.metrics.requests["429"] - before.get("429", 0) == 42
+    assert request(served.port, "GET", "/health")[2] == {"status": "ok", "model": MODEL_ID, "queue_depth": 0,
+                                                         "running": 0}
+
+
+def test_a_client_that_disconnects_cancels_its_generation(served, reference, monkeypatch):
+    chat = served.chat
+    engine = chat.model.engine
+    steps, reached, gate = [0], threading.Event(), threading.Event()
+    decode = engine.decode
+
+    def held_decode(token):
+        steps[0] += 1
+        if steps[0] == 3:  # hold the third step until the server has seen the disconnect
+            reached.set()
+            gate.wait(120)
+        return decode(token)
+
+    monkeypatch.setattr(engine, "decode", held_decode)
+    finished = dict(chat.metrics.finished)
+    completion_before = chat.metrics.tokens["completion"]
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=120)
+    conn.request("POST", "/v1/chat/completions", json.dumps(chat_body("Tell me a long story.", 64, stream=True)),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: ")  # the role chunk
+    assert reached.wait(60)
+    job = chat.scheduler.running
+    conn.sock.shutdown(2)
+    conn.close()
+    assert job.cancelled.wait(60)  # seen while the model is still inside the held step
+    gate.set()
+    deadline = time.monotonic() + 60
+    while chat.metrics.finished["cancelled"] == finished.get("cancelled", 0):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    # stopped at the next token, not at 64: the prompt's token and two decode steps; the held step's logits are
+    # never sampled (the stream checks the cancel flag before each token)
+    assert chat.metrics.tokens["completion"] - completion_before == 3
+    monkeypatch.setattr(engine, "decode", decode)
+
+    r = served.client().chat.completions.create(model=MODEL_ID, messages=[
+        {"role": "user", "content": "Tell me a short story."}], max_tokens=10)
+    expected = reference.generate("Tell me a short story.", max_new_tokens=10, reuse_cache=False)
+    assert r.choices[0].message.content == expected.text
+
+
+# --- metrics and memory -----------------------------------------------------------------------------------------
+def test_metrics_are_prometheus_text(served):
+    request(served.port, "POST", "/v1/chat/completions", chat_body("Count to three.", 4))
+    status, headers, text = request(served.port, "GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert re.fullmatch(r"# (HELP|TYPE) vl2edge_\w+ .+", line), line
+            continue
+        name, value = line.rsplit(" ", 1)
+        samples[name] = float(value)
+    assert samples['vl2edge_requests_total{status="200"}'] >= 1
+    assert samples["vl2edge_completion_tokens_total"] >= 1 and samples["vl2edge_queue_depth"] == 0
+    assert samples["vl2edge_request_seconds_count"] >= 1
+    q50, q99 = samples['vl2edge_ttft_seconds{quantile="0.5"}'], samples['vl2edge_ttft_seconds{quantile="0.99"}']
+    assert 0 < q50 <= q99
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_serve_command_keeps_its_memory_over_500_requests(artifact):
+    proc = subprocess.Popen([sys.executable, "-m", "vl2edge.cli", "serve", str(artifact), "--port", "0",
+                             "--threads", "1", "--log-level", "warning", "--verify", "size", "--model-name", MODEL_ID],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        m = re.search(r"on http://127\.0\.0\.1:(\d+)/v1", line)
+        assert m, line
+        port = int(m.group(1))
+        image = data_url(png_bytes((120, 90), 5))
+        rss = {}
+        for i in range(500):
+            if i % 10 == 0:
+                body = chat_body([{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "Hi"}],
+                                 3)
+            elif i % 10 == 1:
+                body = b"{broken"
+            else:
+                body = chat_body(f"Request number {i}.", 3, stream=i % 2 == 0)
+            status = request(port, "POST", "/v1/chat/completions", body)[0]
+            assert status == (400 if i % 10 == 1 else 200)
+            if i + 1 in (100, 500):
+                rss[i + 1] = rss_kb(proc.pid)
+        growth_mb = (rss[500] - rss[100]) / 1024
+        print(f"serve RSS after 100 requests {rss[100] / 1024:.1f} MB, after 500 {rss[500] / 1024:.1f} MB")
+        assert growth_mb < 16, rss
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    assert proc.returncode in (0, -15)
