@@ -327,6 +327,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "torch: the PyTorch reference on a checkpoint")
     p.add_argument("--max-tiles", type=int, default=None, help="at most N local tiles per image (latency budget)")
     _add_runtime_options(p)
+    _add_dtype_option(p)
 
 
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
@@ -341,6 +342,9 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--official-pixels", action="store_true",
                    help="open images as the official code does: no EXIF rotation, transparency dropped instead of "
                         "composited over white (to compare answers with it)")
+
+
+def _add_dtype_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="--backend torch only")
 
 
@@ -404,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx: export (int4, block 32) and run the runtime; torch: the PyTorch reference")
     d.add_argument("--max-tiles", type=int, default=None)
     _add_runtime_options(d)
+    _add_dtype_option(d)
     _add_generation_options(d, max_new_tokens=48)
     _add_output_options(d)
     d.set_defaults(func=_demo)

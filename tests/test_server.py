@@ -191,7 +191,10 @@ class ScriptedModel:
             result = None
 
             def __iter__(self):
-                yield from model.deltas
+                for d in model.deltas:
+                    if isinstance(d, Exception):
+                        raise d
+                    yield d
                 text = "".join(model.deltas)
                 self.result = Result(text=text, token_ids=list(range(len(model.deltas))), stop_reason="eos",
                                      prompt_tokens=10, cached_tokens=0, image_sizes=(model.image_size,),
@@ -221,6 +224,26 @@ def test_grounding_boxes_arrive_in_pixels_as_soon_as_they_close():
         r = client.chat.completions.create(model=MODEL_ID, messages=msg)
         assert r.model_extra["vl2edge"]["grounding"]["boxes"] == [box]
         assert r.choices[0].finish_reason == "stop"
+    finally:
+        server.stop()
+
+
+def test_a_failure_mid_stream_ends_the_stream_with_an_error_event_and_the_server_goes_on():
+    server = Running(ScriptedModel(["Hello", RuntimeError("the accelerator fell off")], (64, 64)))
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", json.dumps(chat_body("hi", stream=True)),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        events = [line[6:] for line in resp.read().decode().split("\n\n") if line.startswith("data: ")]
+        conn.close()
+        assert resp.status == 200 and events[-1] == "[DONE]"
+        assert json.loads(events[1])["choices"][0]["delta"]["content"] == "Hello"
+        error = json.loads(events[-2])["error"]
+        assert error["type"] == "server_error" and "fell off" in error["message"]
+        status, _, body = request(server.port, "POST", "/v1/chat/completions", chat_body("hi"))
+        assert status == 500 and "Traceback" not in body["error"]["message"]
+        assert request(server.port, "GET", "/health")[0] == 200
     finally:
         server.stop()
 
@@ -492,3 +515,10 @@ def test_the_serve_command_keeps_its_memory_over_500_requests(artifact):
         proc.terminate()
         proc.wait(60)
     assert proc.returncode in (0, -15)
+
+
+def test_the_serve_command_refuses_a_bad_artifact_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "vl2edge.cli", "serve", str(tmp_path / "missing")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert r.stderr.startswith("vl2edge serve: error:") and "no such artifact" in r.stderr
