@@ -55,7 +55,7 @@ class _OnnxBackend:
 
         self.model = load(args.model, provider=args.provider, threads=args.threads, max_tiles=args.max_tiles,
                           verify=args.verify, transient_vision=args.transient_vision,
-                          official_pixels=args.official_pixels)
+                          official_pixels=args.official_pixels, low_memory=args.low_memory)
         self.chunk_size = args.chunk_size
 
     def answer(self, messages, images, options: dict, on_text, interruptible: bool = False):
@@ -284,7 +284,8 @@ def _serve(args) -> int:
             raise ValueError(f"{name} must be {'>= 0' if name in ('--max-queue', '--port') else '>= 1'}, got {v}")
     api_key = args.api_key or os.environ.get("VL2EDGE_API_KEY") or None
     model = load(args.model, provider=args.provider, threads=args.threads, max_tiles=args.max_tiles,
-                 verify=args.verify, transient_vision=args.transient_vision, official_pixels=args.official_pixels)
+                 verify=args.verify, transient_vision=args.transient_vision, official_pixels=args.official_pixels,
+                 low_memory=args.low_memory)
     model.processor.image_options["max_pixels"] = args.max_image_pixels
     options = ServerOptions(model_id=args.model_name or Path(args.model).resolve().name, api_key=api_key,
                             max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 2 ** 20),
@@ -336,9 +337,13 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads")
     p.add_argument("--verify", default="sha256", choices=["sha256", "size"],
                    help="check the artifact's files by sha256 (default) or size only (fast start)")
-    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens")
+    p.add_argument("--chunk-size", type=int, default=None, help="prefill chunk in tokens (default 512; 256 with "
+                                                                "--low-memory)")
     p.add_argument("--transient-vision", action="store_true",
                    help="load the vision graph per image and release it after: less memory, slower images")
+    p.add_argument("--low-memory", action="store_true",
+                   help="the lowest peak RSS: --transient-vision with the language model loaded after the first "
+                        "images, and 256-token prefill chunks (slower prefill, a vision load per image)")
     p.add_argument("--official-pixels", action="store_true",
                    help="open images as the official code does: no EXIF rotation, transparency dropped instead of "
                         "composited over white (to compare answers with it)")

@@ -61,7 +61,8 @@ def reset_peak() -> bool:
 # --- the session-options probe ------------------------------------------------------------------------------------
 # name -> what differs from the Engine's defaults: session config entries ("entries"), SessionOptions attributes
 # ("attrs"), and two engine-level options: "vision_batch" (tiles per vision call; the engine's CPU default is 1) and
-# "transient_vision" (Engine(transient_vision=True): the vision session exists only while images are encoded).
+# "transient_vision" (Engine(transient_vision=True): the vision session exists only while images are encoded, and
+# the language model's sessions are created after it), and "prefill_chunk" (tokens per prefill chunk, default 512).
 # Each runs in its own process.
 VARIANTS: dict[str, dict] = {
     "default": {},
@@ -74,6 +75,7 @@ VARIANTS: dict[str, dict] = {
     "vision_batch4": {"vision_batch": 4},
     "transient_vision": {"transient_vision": True},
     "no_prepack+transient_vision": {"entries": {"session.disable_prepacking": "1"}, "transient_vision": True},
+    "low_memory": {"transient_vision": True, "prefill_chunk": 256},  # vl2edge.load(low_memory=True)
 }
 
 
@@ -121,7 +123,7 @@ def _probe_child(artifact: str, variant: str, threads: int | None, vision: bool,
         steps["after_vision"] = rss()
     ids = filler_ids(proc.encode, context)
     t0 = time.perf_counter()
-    logits = eng.prefill(eng.embed(ids), 512)
+    logits = eng.prefill(eng.embed(ids), v.get("prefill_chunk", 512))
     timings["prefill_s"] = round(time.perf_counter() - t0, 2)
     steps["after_prefill"] = rss()
     t0 = time.perf_counter()
@@ -132,7 +134,8 @@ def _probe_child(artifact: str, variant: str, threads: int | None, vision: bool,
     malloc_trim()
     steps["end_trimmed"] = rss()
     return {"variant": variant, "entries": entries, "attrs": {k: str(val) for k, val in attrs.items()},
-            "engine": {k: v[k] for k in ("vision_batch", "transient_vision") if k in v}, "context": context,
+            "engine": {k: v[k] for k in ("vision_batch", "transient_vision", "prefill_chunk") if k in v},
+            "context": context,
             "timings": timings, "cache_mb": _mb(eng.cache_nbytes()),
             "rss_mb": {k: {f: _mb(val) for f, val in r.items()} for k, r in steps.items()}}
 

@@ -79,6 +79,7 @@ def profile_decode(artifact: str, context: int = 512, steps: int = 16, threads: 
             t0 = time.perf_counter()
             logits = eng.decode(tok)
         walls.append(time.perf_counter() - t0)
+    eng.load_language()
     sessions = [eng.embedding, eng.head] + [s for layer in eng.layers for s in (layer.attention, layer.mlp)]
     by_op, by_graph, by_node = defaultdict(float), defaultdict(float), defaultdict(float)
     for sess in sessions:

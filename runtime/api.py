@@ -40,10 +40,15 @@ from .processor import Processor, PromptTooLongError
 from .sampling import SamplingParams
 
 DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_CHUNK_SIZE = 512
+# low_memory: the prefill chunk. A chunk's attention probabilities are heads x chunk x context floats (84 MB for
+# Tiny at 512 x 4k), held in the arena at the peak; 256 halves them.
+LOW_MEMORY_CHUNK_SIZE = 256
 
 
 def load(path: str | Path, provider: str | None = None, threads: int | None = None, max_tiles: int | None = None,
-         verify: str = "sha256", transient_vision: bool = False, official_pixels: bool = False) -> "Model":
+         verify: str = "sha256", transient_vision: bool = False, official_pixels: bool = False,
+         low_memory: bool = False) -> "Model":
     """Open an exported artifact directory.
 
     provider: None = best available (CUDA, then CPU), "cpu" or "cuda" (absent -> warning and CPU); threads: ORT
@@ -51,7 +56,10 @@ def load(path: str | Path, provider: str | None = None, threads: int | None = No
     the model's own tiling); verify: "sha256" (check every file's hash) or "size" (fast start on a trusted disk);
     transient_vision: load the vision graph for each image and release it after (less resident memory between
     images, its load time added to every image's vision time); official_pixels: open images as the official
-    pipeline does (no EXIF rotation, alpha dropped instead of composited over white; runtime.images).
+    pipeline does (no EXIF rotation, alpha dropped instead of composited over white; runtime.images);
+    low_memory: transient_vision (the language model is then loaded after the first images, so vision and language
+    are never resident together) and prefill chunks of 256 tokens by default: the lowest peak RSS (real-dims Tiny
+    INT4, one 640x480 image + 3.9k tokens: README), at the price of a slower prefill and a vision load per image.
     Raises ArtifactError (a ValueError) for a missing, corrupt or mismatched artifact, ValueError for a bad option.
     """
     if verify not in ("sha256", "size"):
@@ -60,7 +68,7 @@ def load(path: str | Path, provider: str | None = None, threads: int | None = No
 
     art = open_artifact(path, verify=verify)
     try:
-        engine = Engine(art, provider=provider, threads=threads, transient_vision=transient_vision)
+        engine = Engine(art, provider=provider, threads=threads, transient_vision=transient_vision or low_memory)
     except ValueError:
         raise
     except Exception as e:  # onnxruntime's own errors for a graph it cannot load
@@ -72,7 +80,7 @@ def load(path: str | Path, provider: str | None = None, threads: int | None = No
     proc = Processor.from_dir(art.dir, max_tiles=max_tiles, **(OFFICIAL_PIXELS if official_pixels else {}))
     if proc.max_length is None or proc.max_length > engine.max_len:
         proc.max_length = engine.max_len
-    return Model(engine, proc)
+    return Model(engine, proc, chunk_size=LOW_MEMORY_CHUNK_SIZE if low_memory else DEFAULT_CHUNK_SIZE)
 
 
 def with_image_tags(content: str, n_images: int) -> str:
@@ -83,9 +91,10 @@ def with_image_tags(content: str, n_images: int) -> str:
 
 
 class Model:
-    def __init__(self, engine: Engine, processor: Processor):
+    def __init__(self, engine: Engine, processor: Processor, chunk_size: int = DEFAULT_CHUNK_SIZE):
         self.engine = engine
         self.processor = processor
+        self.chunk_size = chunk_size  # default prefill chunk of every request
         self.runner = Runner(engine, processor)
         self.last_result: Result | None = None
 
@@ -144,13 +153,16 @@ class Model:
     def stream(self, messages: str | Iterable[Mapping[str, Any]], images: Any = None, *,
                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
-               stop: str | Iterable[str] | None = None, chunk_size: int = 512, reuse_cache: bool = True) -> Stream:
+               stop: str | Iterable[str] | None = None, chunk_size: int | None = None,
+               reuse_cache: bool = True) -> Stream:
         """Start a request; returns a Stream of text deltas (`.result` once it ends, `.cancel()`, `.close()`).
         Input errors (bad image, template, overlong prompt) raise here, before anything runs."""
         t0 = time.perf_counter()
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
-        if chunk_size is None or chunk_size < 1:
+        if chunk_size is None:
+            chunk_size = self.chunk_size
+        if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         self.runner.close_active()
         inputs = self.prepare(messages, images)
@@ -166,7 +178,7 @@ class Model:
         """Answer a prompt string or a conversation. stream=False (default): the Result; stream=True: a Stream.
 
         options: max_new_tokens (256), temperature (0 = greedy), top_p (1), top_k (0), repetition_penalty (1),
-        seed, stop (a string or strings; not included in the text), chunk_size (prefill chunk, 512),
+        seed, stop (a string or strings; not included in the text), chunk_size (prefill chunk; None = the model's, 512 or 256 with low_memory),
         reuse_cache (True).
         """
         s = self.stream(messages, images, **options)

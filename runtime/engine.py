@@ -24,7 +24,7 @@ from safetensors.numpy import load_file
 
 from ..export.attention import bind_cache, bind_step_inputs
 from ..model.config import VL2Config
-from .artifact import Artifact, open_artifact
+from .artifact import Artifact, ArtifactError, open_artifact
 from .dispatch import ExpertCounts, RoutingConfig, expert_graph_inputs, route
 from .image_layout import scatter_images
 
@@ -110,7 +110,8 @@ class Engine:
                  verify: str = "sha256", spin: bool = False, transient_vision: bool = False):
         """transient_vision: create the vision session for each encode_images call and release it after, instead
         of keeping it for the engine's life: its weights (int8 SigLIP, ~0.43 GB) and prepacked copies are then
-        resident only while images are encoded, at the price of loading it again for every image."""
+        resident only while images are encoded, at the price of loading it again for every image. The language
+        model's sessions are then created at first use, after the first images (load_language)."""
         self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(artifact, verify=verify)
         m = self.artifact.manifest
         self.config = VL2Config.from_dict(m["source"]["config"], str(self.artifact.dir / "manifest.json"))
@@ -135,15 +136,12 @@ class Engine:
         self._vision_file = g["vision"]["file"]
         self.transient_vision = transient_vision
         self.vision = None if transient_vision else self._session(self._vision_file)
-        self.embedding = self._session(g["embedding"]["file"])
-        self.head = self._session(g["head"]["file"])
-        bias = load_file(str(self.artifact.path(m["router_bias"]))) if m.get("router_bias") else {}
-        self.layers = []
         self.attention_kind = m["attention"]["kind"]
-        for i, entry in enumerate(g["layers"]):
-            outs = [v["name"] for v in entry["attention"]["outputs"]]
-            self.layers.append(_Layer(self._session(entry["attention"]["file"]), self._session(entry["mlp"]["file"]),
-                                      entry["moe"], "router_logits" in outs, bias.get(f"layer{i}")))
+        self.embedding: ort.InferenceSession | None = None
+        self.head: ort.InferenceSession | None = None
+        self.layers: list[_Layer] = []
+        if not transient_vision:
+            self.load_language()
         tokens = load_file(str(self.artifact.path(m["image_tokens"])))
         self.image_newline, self.view_separator = tokens["image_newline"], tokens["view_seperator"]
         self.routing = RoutingConfig.from_language_config(self.config.language) \
@@ -151,17 +149,46 @@ class Engine:
         self.expert_counts = ExpertCounts(self.config.language.n_routed_experts or 0)
         self.timings = StepTimings()
         self.cache_dtype = np.dtype(m["attention"]["cache"].get("dtype", m["io_dtype"]))  # int8: kv_calibration
-        self._allocate_caches([tuple(s) for s in m["attention"]["cache"]["buffers_per_layer"]])
+        self._allocate_caches([tuple(s) for s in m["attention"]["cache"]["buffers_per_layer"]], len(g["layers"]))
         self.length = 0
 
-    def _session(self, file: str) -> ort.InferenceSession:
-        return ort.InferenceSession(str(self.artifact.path(file)), sess_options=self._opts, providers=self.providers)
+    def load_language(self) -> None:
+        """Create the language model's sessions (embedding, per-layer attention and experts, head) unless they exist.
 
-    def _allocate_caches(self, shapes: list[tuple[int, ...]]) -> None:
+        With transient_vision they are created at first use, AFTER the first images are encoded and the vision
+        session released, so a one-shot request never holds the vision graph and the language model at once: its
+        peak RSS is the larger of the two instead of their sum (real-dims Tiny int4: vision ~0.65 GB, language
+        model ~2.1 GB)."""
+        if self.embedding is not None:
+            return
+        m = self.artifact.manifest
+        g = m["graphs"]
+        bias = load_file(str(self.artifact.path(m["router_bias"]))) if m.get("router_bias") else {}
+        layers = []
+        for i, entry in enumerate(g["layers"]):
+            outs = [v["name"] for v in entry["attention"]["outputs"]]
+            layers.append(_Layer(self._session(entry["attention"]["file"]), self._session(entry["mlp"]["file"]),
+                                 entry["moe"], "router_logits" in outs, bias.get(f"layer{i}")))
+        self.layers = layers
+        self.head = self._session(g["head"]["file"])
+        self.embedding = self._session(g["embedding"]["file"])  # last: it marks the language model as loaded
+
+    def _session(self, file: str) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(str(self.artifact.path(file)), sess_options=self._opts,
+                                        providers=self.providers)
+        except Exception as e:  # onnxruntime's own errors for a graph it cannot load
+            if type(e).__module__.startswith("onnxruntime"):
+                first = str(e).splitlines()[0] if str(e) else ""
+                raise ArtifactError(f"{self.artifact.dir}: onnxruntime cannot load {file} ({type(e).__name__}: "
+                                    f"{first})") from e
+            raise
+
+    def _allocate_caches(self, shapes: list[tuple[int, ...]], n_layers: int) -> None:
         """One set of buffers per layer, bound in place at every step. On CPU the OrtValues share the numpy arrays'
         memory; on CUDA they live on the device."""
         self.cache_arrays, self.caches = [], []
-        for _ in self.layers:
+        for _ in range(n_layers):
             if self.provider == "cuda":
                 vals = [ort.OrtValue.ortvalue_from_shape_and_type(list(s), self.cache_dtype.type, "cuda", 0)
                         for s in shapes]
@@ -209,12 +236,16 @@ class Engine:
         return np.concatenate(outs) if outs else np.zeros((0, 0, 0), self.io_dtype)
 
     def embed(self, input_ids, pixel_values=None, images_seq_mask=None, images_spatial_crop=None) -> np.ndarray:
-        """Token embeddings [T, H] with every image's layout in its slots."""
+        """Token embeddings [T, H] with every image's layout in its slots. Images first: with transient_vision the
+        language model is loaded only after them (load_language)."""
+        tiles = None
+        if pixel_values is not None and len(pixel_values):
+            tiles = self.encode_images(np.asarray(pixel_values))
+        self.load_language()
         t0 = time.perf_counter()
         x = self.embedding.run(None, {"input_ids": np.asarray(input_ids, np.int64).reshape(-1)})[0]
         self.timings.embed += time.perf_counter() - t0
-        if pixel_values is not None and len(pixel_values):
-            tiles = self.encode_images(np.asarray(pixel_values))
+        if tiles is not None:
             scatter_images(x, tiles, images_spatial_crop, images_seq_mask, self.image_newline, self.view_separator,
                            self.config.global_view_pos == "head")
         return x
@@ -224,6 +255,7 @@ class Engine:
         """Append embeds [T, H] to the conversation; returns the last position's logits [V] (fp32)."""
         t = embeds.shape[0]
         past = self.length
+        self.load_language()
         if past + t > self.max_len:
             raise ContextFullError(f"{past + t} tokens exceed the context of {self.max_len} "
                                    f"(over by {past + t - self.max_len})")

@@ -68,7 +68,7 @@ class ServerOptions:
     max_images: int = 8
     allow_file_urls: bool = True
     default_max_tokens: int = 256
-    chunk_size: int = 512  # prefill chunk
+    chunk_size: int | None = None  # prefill chunk (None: the model's default)
 
 
 # --- jobs on the model's thread --------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ class Scheduler:
 
 
 # --- the generation a request runs ------------------------------------------------------------------------------
-def generation(model, req: ChatRequest, chunk_size: int) -> Callable[[Job], None]:
+def generation(model, req: ChatRequest, chunk_size: int | None) -> Callable[[Job], None]:
     def work(job: Job) -> None:
         try:
             stream = model.stream(req.messages, chunk_size=chunk_size, **req.options)

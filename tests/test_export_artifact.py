@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -325,3 +327,39 @@ def test_transient_vision_session_gives_the_same_tiles_and_is_not_kept(test_chec
     assert transient.vision is None and transient.timings.vision > 0
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(transient.encode_images(inp.pixel_values[:1]), a[:1])  # loaded again, same
+
+
+def test_transient_vision_loads_the_language_model_after_the_images(test_checkpoints, artifacts, monkeypatch):
+    """A one-shot request never holds the vision graph and the language model at once: with transient_vision the
+    language sessions are created at first use, after the images are encoded and the vision session is gone."""
+    inp = prompt(test_checkpoints, "test-tiny")
+    art = artifacts["test-tiny", "int4"]
+    events = []
+    real_session = Engine._session
+
+    def recording(self, file):
+        events.append(("load", file))
+        return real_session(self, file)
+
+    monkeypatch.setattr(Engine, "_session", recording)
+    eng = Engine(art, transient_vision=True)
+    assert events == [] and eng.embedding is None and eng.layers == []
+    monkeypatch.setattr("vl2edge.runtime.engine.malloc_trim", lambda: events.append(("vision released",)) or True)
+    logits = eng.prefill(eng.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop))
+    vision_file = eng.artifact.manifest["graphs"]["vision"]["file"]
+    assert events[:2] == [("load", vision_file), ("vision released",)]
+    assert len(events) == 2 + 2 + 2 * len(eng.layers) and vision_file not in [e[-1] for e in events[2:]]
+    resident = Engine(art)
+    expected = resident.prefill(resident.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask,
+                                               inp.images_spatial_crop))
+    np.testing.assert_array_equal(logits, expected)
+    assert resident.layers and resident.embedding is not None  # the default loads everything up front
+
+
+def test_a_graph_onnxruntime_cannot_load_is_an_artifact_error_when_it_is_first_used(artifacts, tmp_path):
+    bad = Path(shutil.copytree(artifacts["test-tiny", "int4"], tmp_path / "bad"))
+    head = bad / json.loads((bad / "manifest.json").read_text())["graphs"]["head"]["file"]
+    head.write_bytes(b"\0" * head.stat().st_size)  # same size: passes verify="size", not onnxruntime
+    eng = Engine(bad, verify="size", transient_vision=True)  # nothing of the language model loaded yet
+    with pytest.raises(ArtifactError, match="onnxruntime cannot load .*head"):
+        eng.forward(np.zeros((1, eng.config.language.hidden_size), np.float32))
