@@ -226,12 +226,14 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
         graphs["embedding"] = save(build_embedding_graph(cfg, get(EMBED_KEY), plan["embedding"], io_dtype, report),
                                    "embedding")
         calibration_kv = KVCalibration(cfg, get, ckpt.dir) if kv_cache == "int8" else None
+        # cuda: routing inputs exact under CUDA's QMoE semantics as well as the CPU kernel's (export/mlp.py)
+        routing_form = "log_weights" if target == "cuda" or not plan["experts"].bits else "weights"
         for i in range(L.num_hidden_layers):
             scales = calibration_kv.layer_scales(i) if calibration_kv else None
             attn = save(build_attention_graph(cfg, i, get, plan.get("attention", plan["linear"]), io_dtype, max_len,
                                               report, kv_scales=scales), f"layer{i:02d}_attention")
             mlp_prec = plan.get("shared_experts" if L.is_moe_layer(i) else "dense_mlp", plan["linear"])
-            mlp = save(build_mlp_graph(cfg, i, get, mlp_prec, plan["experts"], io_dtype, report),
+            mlp = save(build_mlp_graph(cfg, i, get, mlp_prec, plan["experts"], io_dtype, report, routing_form),
                        f"layer{i:02d}_{'moe' if L.is_moe_layer(i) else 'mlp'}")
             layers.append({"attention": attn, "mlp": mlp, "moe": L.is_moe_layer(i)})
         graphs["head"] = save(build_head_graph(cfg, get, plan["lm_head"], io_dtype, report), "head")
@@ -255,7 +257,7 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
             "target": target,
             "io_dtype": np.dtype(io_dtype).name,
             "quantization": {k: p.describe() for k, p in plan.items()}
-            | {"kv_cache": {"kind": kv_cache, "asked": kv_asked}}
+            | {"kv_cache": {"kind": kv_cache, "asked": kv_asked}, "routing": {"form": routing_form}}
             | ({"vision_dynamic": calibration} if calibration else {}),
             "attention": {"kind": attention_kind(cfg, io_dtype), "max_len": max_len,
                           "cache": {"dtype": cache_dtype.name,

@@ -11,13 +11,23 @@ I/O contract (the runtime binds these names):
 The runtime decides routing (softmax/greedy, sigmoid/noaux_tc, groups) and hands the graph only which experts and
 their weights: the graph never re-derives them, and computes only the k chosen experts per token.
 
-Routed experts:
-  int4 / int8: com.microsoft QMoE with gate/up rows interleaved (swiglu_fusion 1, alpha 1, beta 0: silu(g) * u),
-      router_weights given and normalize_routing_weights 0. Without router_weights the CPU kernel renormalizes the
-      top-k weights whatever the attribute says (onnxruntime.md §1.3): wrong for DeepSeek's unnormalized weights.
-  fp32 / fp16: com.microsoft MoE, which has no router_weights input and always uses softmax over the k selected
-      router_probs. So the graph feeds it log(w) at the selected experts (and -1e4 elsewhere): the softmax over
-      the selected ones is then w / sum(w), and the output is multiplied back by sum(w) per token. Exact math.
+Routed experts, and how the runtime's choice reaches the kernel (`routing_form`):
+  The three kernels read their routing inputs differently (onnxruntime.md §1.3):
+    CPU QMoE with router_weights (input 14): top-k of router_probs; weights = router_weights there, renormalized
+        only when normalize_routing_weights = 1;
+    CPU QMoE / MoE without input 14: top-k of router_probs; weights = softmax over those k router_probs, ALWAYS
+        (the attribute is ignored);
+    CUDA QMoE / MoE (reportedly; input 14 ignored): softmax over ALL router_probs, then top-k; renormalized only
+        when normalize_routing_weights = 1.
+  "weights" (cpu target, int4/int8): router_probs = the 0/1 mask, input 14 = the weights, normalize 0. Exact on
+      the CPU kernel and the cheapest; under the CUDA semantics it would give every chosen expert
+      e / (k*e + E - k) instead of its weight.
+  "log_weights" (cuda target; also every unquantized MoE): the graph turns the same inputs into router_probs =
+      log(w) at the chosen experts and -1e4 elsewhere, no input 14. Softmax over all of them and softmax over the
+      chosen k are then both w / sum(w) (exp(-1e4) is 0 in fp16 and fp32), so every semantics above selects the
+      runtime's experts with weights w / sum(w), and the graph multiplies the output back by sum(w) per token.
+  int4 / int8: com.microsoft QMoE with gate/up rows interleaved (swiglu_fusion 1, alpha 1, beta 0: silu(g) * u).
+  fp32 / fp16: com.microsoft MoE (it has no router_weights input: always "log_weights").
 Shared experts and the dense MLP: gated MLPs of Linear layers at the non-expert precision, gate and up fused.
 """
 
@@ -75,40 +85,60 @@ def _stacked_experts(cfg: VL2Config, get: Getter, prefix: str, prec: Precision, 
     return (stack(fc1_parts, 0), stack(fc1_parts, 1)), (stack(fc2_parts, 0), stack(fc2_parts, 1))
 
 
+ROUTING_FORMS = ("weights", "log_weights")
+UNSELECTED = -1e4  # router_probs of the experts not chosen under "log_weights"
+
+
+def log_weight_logits(g: GraphBuilder, probs: str, weights: str, k: int, prefix: str, io_dtype) -> tuple[str, str]:
+    """The "log_weights" routing form: (router_probs = log(w) at the k chosen experts and UNSELECTED elsewhere,
+    sum(w) per token [T, 1]) from the runtime's mask and weights."""
+    kk = g.const(prefix + "k", np.array([k], np.int64))
+    _, idx = g.op("TopK", [probs, kk], n_out=2, hint=prefix + "topk", axis=-1, largest=1, sorted=0)
+    w_sel = g.op("GatherElements", [weights, idx], hint=prefix + "w_sel", axis=1)
+    floor = g.op("Add", [g.op("Mul", [probs, g.const(prefix + "zero", np.zeros((), io_dtype))]),
+                         g.const(prefix + "minus", np.array(UNSELECTED, io_dtype))], hint=prefix + "floor")
+    logits = g.op("ScatterElements", [floor, idx, g.op("Log", [w_sel], hint=prefix + "logw")], hint=prefix + "logits",
+                  axis=1)
+    total = g.op("ReduceSum", [w_sel, g.const(prefix + "axis1", np.array([1], np.int64))], hint=prefix + "w_sum",
+                 keepdims=1)
+    return logits, total
+
+
 def _routed_experts(g: GraphBuilder, x2d: str, probs: str, weights: str, cfg: VL2Config, get: Getter, prefix: str,
-                    prec: Precision, io_dtype, report) -> str:
+                    prec: Precision, io_dtype, report, routing_form: str) -> str:
     L = cfg.language
     common = dict(k=L.num_experts_per_tok, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
                   activation_beta=0.0, normalize_routing_weights=0)
     scale_dtype = np.float16 if np.dtype(io_dtype) == np.float16 else np.float32
     fc1, fc2 = _stacked_experts(cfg, get, prefix, prec, scale_dtype, report)
+    if prec.bits is None or routing_form == "log_weights":
+        router_probs, total = log_weight_logits(g, probs, weights, L.num_experts_per_tok, prefix, io_dtype)
+        router_weights = ""  # input 14 absent: every kernel then weights by a softmax of router_probs
+    else:
+        router_probs, total, router_weights = probs, None, weights
     if prec.bits is not None:
         (w1, s1), (w2, s2) = fc1, fc2
-        inputs = [x2d, probs, g.const(prefix + "fc1.qweight", w1), g.const(prefix + "fc1.scales", s1.astype(io_dtype)),
-                  "", g.const(prefix + "fc2.qweight", w2), g.const(prefix + "fc2.scales", s2.astype(io_dtype)),
-                  "", "", "", "", "", "", "", weights]  # zero points absent (symmetric); input 14 = router_weights
-        return g.op("QMoE", inputs, domain=MS_DOMAIN, hint=prefix + "qmoe", expert_weight_bits=prec.bits,
-                    block_size=prec.block_size, accuracy_level=prec.accuracy_level, **common)
-    # Unquantized MoE: feed log(w) of the selected experts as router_probs (see module docstring).
-    k = g.const(prefix + "k", np.array([L.num_experts_per_tok], np.int64))
-    _, idx = g.op("TopK", [probs, k], n_out=2, hint=prefix + "topk", axis=-1, largest=1, sorted=0)
-    w_sel = g.op("GatherElements", [weights, idx], hint=prefix + "w_sel", axis=1)
-    floor = g.op("Add", [g.op("Mul", [probs, g.const(prefix + "zero", np.zeros((), io_dtype))]),
-                         g.const(prefix + "minus", np.array(-1e4, io_dtype))], hint=prefix + "floor")
-    logits = g.op("ScatterElements", [floor, idx, g.op("Log", [w_sel], hint=prefix + "logw")], hint=prefix + "logits",
-                  axis=1)
-    y = g.op("MoE", [x2d, logits, g.const(prefix + "fc1.weight", fc1.astype(io_dtype)), "",
-                     g.const(prefix + "fc2.weight", fc2.astype(io_dtype))], domain=MS_DOMAIN, hint=prefix + "moe",
-             **common)
-    total = g.op("ReduceSum", [w_sel, g.const(prefix + "axis1", np.array([1], np.int64))], hint=prefix + "w_sum",
-                 keepdims=1)
-    return g.op("Mul", [y, total], hint=prefix + "rescaled")
+        inputs = [x2d, router_probs, g.const(prefix + "fc1.qweight", w1),
+                  g.const(prefix + "fc1.scales", s1.astype(io_dtype)), "", g.const(prefix + "fc2.qweight", w2),
+                  g.const(prefix + "fc2.scales", s2.astype(io_dtype)),
+                  "", "", "", "", "", "", "", router_weights]  # zero points absent (symmetric); 14 = router_weights
+        y = g.op("QMoE", inputs if router_weights else inputs[:7], domain=MS_DOMAIN,
+                 hint=prefix + "qmoe", expert_weight_bits=prec.bits, block_size=prec.block_size,
+                 accuracy_level=prec.accuracy_level, **common)
+    else:
+        y = g.op("MoE", [x2d, router_probs, g.const(prefix + "fc1.weight", fc1.astype(io_dtype)), "",
+                         g.const(prefix + "fc2.weight", fc2.astype(io_dtype))], domain=MS_DOMAIN, hint=prefix + "moe",
+                 **common)
+    return y if total is None else g.op("Mul", [y, total], hint=prefix + "rescaled")
 
 
 def build_mlp_graph(cfg: VL2Config, layer: int, get: Getter, prec: Precision, expert_prec: Precision,
-                    io_dtype=np.float32, report: QualityReport | None = None) -> GraphBuilder:
+                    io_dtype=np.float32, report: QualityReport | None = None,
+                    routing_form: str = "weights") -> GraphBuilder:
     """`get(name)` returns a checkpoint tensor as fp32 numpy. `prec` is for the dense MLP and shared experts,
-    `expert_prec` for the routed experts."""
+    `expert_prec` for the routed experts; routing_form: how QMoE gets the routing (module docstring)."""
+    if routing_form not in ROUTING_FORMS:
+        raise ValueError(f"routing_form {routing_form!r}: choose one of {ROUTING_FORMS}")
     L = cfg.language
     H = L.hidden_size
     prefix = f"language.model.layers.{layer}.mlp."
@@ -122,7 +152,8 @@ def build_mlp_graph(cfg: VL2Config, layer: int, get: Getter, prec: Precision, ex
         probs = g.input("router_probs", io_dtype, ["T", L.n_routed_experts])
         weights = g.input("router_weights", io_dtype, ["T", L.n_routed_experts])
         x2d = g.op("Reshape", [x, g.const("shape_2d", np.array([-1, H], np.int64))], hint="tokens")
-        routed = _routed_experts(g, x2d, probs, weights, cfg, get, prefix, expert_prec, io_dtype, report)
+        routed = _routed_experts(g, x2d, probs, weights, cfg, get, prefix, expert_prec, io_dtype, report,
+                                 routing_form)
         y = g.op("Reshape", [routed, g.const("shape_3d", np.array([1, -1, H], np.int64))], hint="routed")
         if L.n_shared_experts:
             y = g.op("Add", [y, _gated_mlp(g, x, get, prefix + "shared_experts.", prec, io_dtype, report,

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from PIL import Image
 
@@ -94,6 +95,7 @@ def test_manifest_describes_the_artifact(artifacts):
     assert m["target"] == "cpu" and m["io_dtype"] == "float32"
     assert m["quantization"]["experts"] == {"kind": "int4", "block_size": 32, "accuracy_level": 4, "symmetric": True}
     assert m["quantization"]["linear"]["kind"] == "int8"
+    assert m["quantization"]["routing"] == {"form": "weights"}  # cpu: mask + input 14, the CPU kernel's exact path
     assert m["attention"]["kind"] == "mla_latent_matmul"
     assert m["attention"]["cache"]["buffers_per_layer"] == [[1, 1, 4096, 32 + 8]]  # latent + rope key only
     assert len(m["graphs"]["layers"]) == 3 and [x["moe"] for x in m["graphs"]["layers"]] == [False, True, True]
@@ -267,6 +269,10 @@ def test_cuda_target_artifact_is_fp16_and_tracks_the_reference(test_checkpoints,
     assert m["io_dtype"] == "float16" and m["quantization"]["linear"]["kind"] == "fp16"
     assert m["attention"]["kind"] == "mla_absorbed_gqa"  # the GQA form on fp16 (the device-resident cache)
     assert m["attention"]["cache_bytes_per_token"] == 3 * 40 * 2
+    assert m["quantization"]["routing"] == {"form": "log_weights"}  # exact under CUDA's QMoE semantics too
+    moe = onnx.load(str(art / m["graphs"]["layers"][1]["mlp"]["file"]), load_external_data=False)
+    (qmoe,) = [n for n in moe.graph.node if n.op_type == "QMoE"]
+    assert len(qmoe.input) < 15  # no router_weights: the CUDA kernel would ignore it, the CPU one would double it
     inp = prompt(test_checkpoints, "test-small")
     eng = Engine(art, provider="cpu")
     logits = eng.prefill(eng.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop))
