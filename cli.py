@@ -471,6 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cache-dir", default=None, help="where presets and exports are cached (default "
                                                      "$VL2EDGE_CACHE/bench or ~/.cache/vl2edge/bench)")
     b.add_argument("--quiet", action="store_true", help="no progress lines")
+    b.add_argument("--check", action="store_true",
+                   help="with --provider cuda: check a GPU in one command (test presets exported --target cuda "
+                        "against the fp16 reference on the GPU, then real-dims tiny's speed and device memory; "
+                        "--out DIR/gpu_check.json); --provider cpu rehearses it")
+    b.add_argument("--check-small", action="store_true", help="--check also measures real-dims small")
     b.set_defaults(func=_bench)
     return p
 

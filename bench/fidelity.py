@@ -74,8 +74,9 @@ class _SelectionRecorder:
         return {layer: np.concatenate(v) for layer, v in self.idx.items()}
 
 
-def reference_run(model, inp, steps: int):
-    """The reference's greedy answer: (tokens [steps], logits [steps, V], selections {moe layer: [tokens, k]})."""
+def reference_run(model, inp, steps: int, device: str | None = None):
+    """The reference's greedy answer: (tokens [steps], logits [steps, V], selections {moe layer: [tokens, k]}).
+    device: where the model is (`model.to(device)`); the inputs made from numpy are created there too."""
     import torch
 
     sel: dict[int, list[np.ndarray]] = {}
@@ -83,16 +84,16 @@ def reference_run(model, inp, steps: int):
     for i, layer in enumerate(model.language.model.layers):
         if hasattr(layer.mlp, "gate"):
             hooks.append(layer.mlp.gate.register_forward_hook(
-                lambda mod, args, out, i=i: sel.setdefault(i, []).append(out[0].numpy())))
+                lambda mod, args, out, i=i: sel.setdefault(i, []).append(out[0].cpu().numpy())))
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.device(device or "cpu"):
             cache = model.new_cache(inp.seq_len + steps)
             logits = [model(inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop,
-                            cache=cache, all_logits=False)[0, -1].numpy()]
+                            cache=cache, all_logits=False)[0, -1].float().cpu().numpy()]
             tokens = [int(logits[-1].argmax())]
             for _ in range(steps - 1):
                 x = model.language.model.embed_tokens(torch.tensor([[tokens[-1]]]))
-                logits.append(model.language(x, cache, all_logits=False)[0, -1].numpy())
+                logits.append(model.language(x, cache, all_logits=False)[0, -1].float().cpu().numpy())
                 tokens.append(int(logits[-1].argmax()))
     finally:
         for h in hooks:

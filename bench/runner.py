@@ -156,6 +156,13 @@ def _call_repr(model, precisions, threads, provider, quick, reference) -> str:
 
 def main(args) -> int:
     """`vl2edge bench` (cli.py parses the arguments)."""
+    if args.check:
+        from .gpu_check import check, table
+
+        doc = check(provider=args.provider, real=("tiny", "small") if args.check_small else ("tiny",),
+                    out=args.out or "bench-out", cache_dir=args.cache_dir, progress=not args.quiet)
+        print(table(doc))
+        return 0 if doc["ok"] else 1
     artifacts = {}
     for item in args.artifact or []:
         prec, sep, path = item.partition("=")
