@@ -399,10 +399,15 @@ def bind_cache(binding, kind: str, buffers: Sequence, past_len: int, t: int, dev
             binding.bind_ortvalue_output(f"present_{name}", buf)
 
 
-def bind_step_inputs(binding, hidden: np.ndarray, past_len: int) -> None:
-    """The four small inputs of a step of hidden [1, T, H] at positions past_len .. past_len + T - 1."""
-    t = hidden.shape[1]
-    binding.bind_cpu_input("hidden", hidden)
+def bind_step_inputs(binding, hidden, past_len: int) -> None:
+    """The four small inputs of a step of hidden [1, T, H] (numpy, or an OrtValue wherever it lives) at positions
+    past_len .. past_len + T - 1."""
+    if isinstance(hidden, np.ndarray):
+        t = hidden.shape[1]
+        binding.bind_cpu_input("hidden", hidden)
+    else:
+        t = hidden.shape()[1]
+        binding.bind_ortvalue_input("hidden", hidden)
     binding.bind_cpu_input("position_ids", np.arange(past_len, past_len + t, dtype=np.int64)[None])
     binding.bind_cpu_input("seqlens_k", np.array([past_len + t - 1], np.int32))
     binding.bind_cpu_input("total_sequence_length", np.array(past_len + t, np.int32))

@@ -118,6 +118,7 @@ class Engine:
         self.io_dtype = np.dtype(m["io_dtype"])
         self.max_len = int(m["attention"]["max_len"])
         self.providers, self.provider = resolve_providers(provider)
+        self.device = "cuda" if self.provider == "cuda" else "cpu"  # where a step's hidden states live
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -260,33 +261,58 @@ class Engine:
             raise ContextFullError(f"{past + t} tokens exceed the context of {self.max_len} "
                                    f"(over by {past + t - self.max_len})")
         x = embeds.reshape(1, t, -1).astype(self.io_dtype, copy=False)
+        logits = self._layers(x, past, t)
+        self.length = past + t
+        return logits
+
+    def _layers(self, x: np.ndarray, past: int, t: int) -> np.ndarray:
+        """Every layer, then the head. The hidden states stay where the kernels run (`self.device`): each layer's
+        `hidden_out` and `mlp_in` are OrtValues bound straight into the next session, so on CUDA nothing of a
+        hidden state crosses to the host inside a step. Only what the host must read does: the router logits
+        (dispatch runs in numpy), the routing it hands back, and the last logits. On CPU the same binding is also
+        the cheaper path: measured on real-dims Tiny int4 (int8 KV, 2 threads, interleaved in one process) 24.3 vs
+        25.8 ms per step at 512 and 27.9 vs 28.3 at 2k against numpy feeds through session.run, 0.72 vs 0.81 ms on
+        test-tiny."""
+        dev = self.device
         for i, layer in enumerate(self.layers):
             t0 = time.perf_counter()
             b = layer.attention.io_binding()
             bind_step_inputs(b, x, past)
-            names = ["hidden_out", "mlp_in"] + (["router_logits"] if layer.has_router else [])
-            for n in names:  # bound first: get_outputs() lists outputs in binding order
-                b.bind_output(n)
-            bind_cache(b, self.attention_kind, self.caches[i], past, t, self.provider)  # new rows land in place
+            b.bind_output("hidden_out", dev)
+            b.bind_output("mlp_in", dev)
+            if layer.has_router:
+                b.bind_output("router_logits", "cpu")
+            bind_cache(b, self.attention_kind, self.caches[i], past, t, self.provider)
             layer.attention.run_with_iobinding(b)
-            outs = dict(zip(names, (o.numpy() for o in b.get_outputs()[:len(names)])))
+            outs = b.get_outputs()
             t1 = time.perf_counter()
             self.timings.attention += t1 - t0
-            feeds = {"hidden": outs["hidden_out"], "mlp_in": outs["mlp_in"]}
+            m = layer.mlp.io_binding()
+            m.bind_ortvalue_input("hidden", outs[0])
+            m.bind_ortvalue_input("mlp_in", outs[1])
             if layer.moe:
-                idx, w = route(outs["router_logits"], self.routing, layer.bias)
-                self.expert_counts.add(i, idx)
-                feeds["router_probs"], feeds["router_weights"] = expert_graph_inputs(
-                    idx, w, self.routing.num_experts, self.io_dtype)
+                probs, weights = self._route(i, layer, outs[2].numpy())
+                m.bind_cpu_input("router_probs", probs)
+                m.bind_cpu_input("router_weights", weights)
             t2 = time.perf_counter()
             self.timings.dispatch += t2 - t1
-            x = layer.mlp.run(None, feeds)[0]
+            m.bind_output("hidden_out", dev)
+            layer.mlp.run_with_iobinding(m)
+            x = m.get_outputs()[0]
             self.timings.experts += time.perf_counter() - t2
-        self.length = past + t
         t0 = time.perf_counter()
-        logits = self.head.run(None, {"hidden": x})[0][0]
+        h = self.head.io_binding()
+        h.bind_ortvalue_input("hidden", x)
+        h.bind_output("logits", "cpu")
+        self.head.run_with_iobinding(h)
+        logits = h.get_outputs()[0].numpy()[0]
         self.timings.head += time.perf_counter() - t0
         return logits
+
+    def _route(self, i: int, layer: _Layer, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        idx, w = route(router_logits, self.routing, layer.bias)
+        self.expert_counts.add(i, idx)
+        return expert_graph_inputs(idx, w, self.routing.num_experts, self.io_dtype)
 
     def prefill(self, embeds: np.ndarray, chunk_size: int = 512) -> np.ndarray:
         """Feed a prompt in chunks (bounded activation memory: the official "incremental prefilling")."""

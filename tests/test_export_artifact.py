@@ -362,6 +362,50 @@ def test_transient_vision_loads_the_language_model_after_the_images(test_checkpo
     assert resident.layers and resident.embedding is not None  # the default loads everything up front
 
 
+class RecordingBinding:
+    """An IOBinding that records where each output is bound and which inputs arrive as OrtValues."""
+
+    def __init__(self, real, log):
+        self._real, self._log = real, log
+
+    def __getattr__(self, name):
+        attr = getattr(self._real, name)
+        if name in ("bind_output", "bind_ortvalue_input", "bind_cpu_input"):
+            def record(*args, **kwargs):
+                self._log.append((name, args[0], args[1] if name == "bind_output" and len(args) > 1 else None))
+                return attr(*args, **kwargs)
+            return record
+        return attr
+
+
+@pytest.mark.parametrize("preset", ["test-tiny", "test-vl2"])
+def test_a_step_keeps_hidden_states_where_the_kernels_run(test_checkpoints, artifacts, preset, monkeypatch):
+    """Each layer's hidden_out and mlp_in are bound on the engine's device and passed on as OrtValues; only the
+    router logits and the last logits are bound to the host (what a CUDA step must not copy back, checked here on
+    CPU where the same bindings run)."""
+    import onnxruntime as ort
+
+    inp = prompt(test_checkpoints, preset)
+    eng = Engine(artifacts[preset, "int4"])
+    embeds = eng.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop)
+    eng.prefill(embeds)
+    log = []
+    real = ort.InferenceSession.io_binding
+    monkeypatch.setattr(ort.InferenceSession, "io_binding", lambda self: RecordingBinding(real(self), log))
+    eng.decode(5)
+    outputs = {(name, device) for kind, name, device in log if kind == "bind_output"}
+    cache = {("latent_new", eng.device)} if eng.attention_kind == "mla_latent_matmul" else set()  # MLA rows in place
+    assert outputs == {("hidden_out", eng.device), ("mlp_in", eng.device), ("router_logits", "cpu"),
+                       ("logits", "cpu")} | cache
+    host_inputs = {name for kind, name, _ in log if kind == "bind_cpu_input"}
+    assert host_inputs == {"hidden", "position_ids", "seqlens_k", "total_sequence_length", "router_probs",
+                           "router_weights"}  # "hidden" only into layer 0: the token's embedding
+    passed_on = [name for kind, name, _ in log if kind == "bind_ortvalue_input" and name in ("hidden", "mlp_in")]
+    n = len(eng.layers)
+    assert passed_on.count("mlp_in") == n and passed_on.count("hidden") == 2 * n  # attention 1..n-1, mlps, head
+    assert [k for k, name, _ in log if name == "hidden" and k == "bind_cpu_input"] == ["bind_cpu_input"]
+
+
 def test_a_graph_onnxruntime_cannot_load_is_an_artifact_error_when_it_is_first_used(artifacts, tmp_path):
     bad = Path(shutil.copytree(artifacts["test-tiny", "int4"], tmp_path / "bad"))
     head = bad / json.loads((bad / "manifest.json").read_text())["graphs"]["head"]["file"]
