@@ -467,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode-steps", type=int, default=None, help="timed decode steps per repeat")
     b.add_argument("--transient-vision", action="store_true",
                    help="the runtime loads the vision graph per image and releases it after (less memory)")
+    b.add_argument("--low-memory", action="store_true",
+                   help="the runtime in its low-memory mode (vl2edge.load(low_memory=True); 256-token chunks)")
     b.add_argument("--bandwidth-mb", type=int, default=1024, help="array size of the bandwidth probe (0: skip)")
     b.add_argument("--cache-dir", default=None, help="where presets and exports are cached (default "
                                                      "$VL2EDGE_CACHE/bench or ~/.cache/vl2edge/bench)")

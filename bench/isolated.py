@@ -25,7 +25,8 @@ def _child(kind: str, args: dict) -> dict:
         from .runtime_bench import bench_runtime
 
         return bench_runtime(args["artifact"], args.get("threads"), args.get("provider"), w,
-                             progress=args.get("progress", True), transient_vision=args.get("transient_vision", False))
+                             progress=args.get("progress", True), transient_vision=args.get("transient_vision", False),
+                             low_memory=args.get("low_memory", False))
     if kind == "reference":
         from .reference_bench import bench_reference
 

@@ -39,7 +39,8 @@ def run_bench(model: str = "tiny", precisions=("int4", "int8"), *, threads: int 
               workload: Workload | None = None, artifacts: dict | None = None, cache_dir=None,
               force_export: bool = False,
               bandwidth_mb: int = 1024, reference_omp_wait_policy: str | None = "PASSIVE", progress: bool = True,
-              in_process: bool = False, command: str | None = None, transient_vision: bool = False) -> dict:
+              in_process: bool = False, command: str | None = None, transient_vision: bool = False,
+              low_memory: bool = False) -> dict:
     """Run the suite; returns the document (bench/report.py) and writes it to `out` if given.
 
     model: a preset name (synthesized and exported on first use, cached under cache_dir / $VL2EDGE_CACHE) or a
@@ -49,6 +50,8 @@ def run_bench(model: str = "tiny", precisions=("int4", "int8"), *, threads: int 
     change). workload: overrides the full/quick default. in_process: no
     subprocesses (debugging; memory figures then meaningless). transient_vision: the runtime loads the vision
     graph per image and releases it after (Engine option; less resident memory, the load in every vision time).
+    low_memory: the runtime is loaded with `low_memory=True` (transient vision, the language model loaded after
+    the first images, 256-token prefill chunks).
 
     reference_omp_wait_policy: OMP_WAIT_POLICY of the reference's process (None: libgomp's default, threads spin
     in barriers). PASSIVE by default, the counterpart of the runtime's default of no ORT thread spinning: on a
@@ -95,7 +98,8 @@ def run_bench(model: str = "tiny", precisions=("int4", "int8"), *, threads: int 
         _log(progress, f"runtime {p}: {arts[p]} ({mode} workload), load average {load_average()}")
         rec = run_isolated("runtime", {"artifact": str(arts[p]), "threads": threads, "provider": provider,
                                        "workload": w.as_dict(), "progress": progress,
-                                       "transient_vision": transient_vision}, in_process=in_process)
+                                       "transient_vision": transient_vision, "low_memory": low_memory},
+                          in_process=in_process)
         runtime[p] = rec
         if "error" in rec:
             _log(progress, f"runtime {p}: FAILED: {rec['error']}")
@@ -188,7 +192,7 @@ def main(args) -> int:
                     quick=args.quick, reference=not args.no_reference, reference_dtypes=ref_dtypes,
                     layers=args.layers, block_size=args.block_size, workload=w, artifacts=artifacts,
                     cache_dir=args.cache_dir, force_export=args.force_export, bandwidth_mb=args.bandwidth_mb,
-                    progress=not args.quiet, transient_vision=args.transient_vision,
+                    progress=not args.quiet, transient_vision=args.transient_vision, low_memory=args.low_memory,
                     command="vl2edge " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     sys.stdout.write(render_table(doc))
     return 1 if doc["errors"] else 0

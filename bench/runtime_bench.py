@@ -159,16 +159,20 @@ def bench_decode(model, w: Workload, progress: bool, label: str) -> list[dict]:
 
 
 def bench_runtime(artifact: str | Path, threads: int | None, provider: str | None, workload: Workload,
-                  progress: bool = True, transient_vision: bool = False) -> dict:
+                  progress: bool = True, transient_vision: bool = False, low_memory: bool = False) -> dict:
     """The whole workload on one artifact. Returns the "runtime" record of the report schema (bench/report.py).
-    transient_vision: the engine loads the vision graph per image and releases it after (runtime/engine.py)."""
+    transient_vision: the engine loads the vision graph per image and releases it after (runtime/engine.py);
+    low_memory: `load(low_memory=True)`, and the workload's prefill chunks are the model's (256)."""
     from ..runtime.api import load
 
     t_start = time.perf_counter()
     load_start = load_average()
     phases = {"start": memory.rss()}
     t0 = time.perf_counter()
-    model = load(artifact, provider=provider, threads=threads, verify="size", transient_vision=transient_vision)
+    model = load(artifact, provider=provider, threads=threads, verify="size", transient_vision=transient_vision,
+                 low_memory=low_memory)
+    if low_memory:
+        workload = workload.with_(chunk_size=model.chunk_size)
     load_s = time.perf_counter() - t0
     phases["loaded"] = memory.rss()
     m = model.engine.artifact.manifest
@@ -186,6 +190,7 @@ def bench_runtime(artifact: str | Path, threads: int | None, provider: str | Non
         "max_len": model.max_len,
         "ort_intra_op_spinning": model.engine._opts.get_session_config_entry("session.intra_op.allow_spinning") == "1",
         "transient_vision": transient_vision,
+        "low_memory": low_memory,
         "load_s": load_s,
     }
     loads = {"start": load_start}
