@@ -178,7 +178,8 @@ class Model:
         """Answer a prompt string or a conversation. stream=False (default): the Result; stream=True: a Stream.
 
         options: max_new_tokens (256), temperature (0 = greedy), top_p (1), top_k (0), repetition_penalty (1),
-        seed, stop (a string or strings; not included in the text), chunk_size (prefill chunk; None = the model's, 512 or 256 with low_memory),
+        seed, stop (a string or strings; not included in the text), chunk_size (prefill chunk; None = the
+        model's, 512 or 256 with low_memory),
         reuse_cache (True).
         """
         s = self.stream(messages, images, **options)
