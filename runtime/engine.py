@@ -17,6 +17,7 @@ import ctypes
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -314,14 +315,19 @@ class Engine:
         self.expert_counts.add(i, idx)
         return expert_graph_inputs(idx, w, self.routing.num_experts, self.io_dtype)
 
-    def prefill(self, embeds: np.ndarray, chunk_size: int = 512) -> np.ndarray:
-        """Feed a prompt in chunks (bounded activation memory: the official "incremental prefilling")."""
+    def prefill(self, embeds: np.ndarray, chunk_size: int = 512,
+                stop: Callable[[], bool] | None = None) -> np.ndarray | None:
+        """Feed a prompt in chunks (bounded activation memory: the official "incremental prefilling"). `stop` is
+        asked before each chunk after the first; when it says so the prefill ends there (the cache holds the
+        chunks done, `length` counts them) and None is returned instead of logits."""
         if self.length + len(embeds) > self.max_len:
             raise ContextFullError(f"prompt of {len(embeds)} tokens after {self.length} in the cache exceeds the "
                                    f"context of {self.max_len} (over by {self.length + len(embeds) - self.max_len})")
         step = chunk_size if chunk_size > 0 else len(embeds)
         logits = None
         for c in range(0, len(embeds), step):
+            if c and stop is not None and stop():
+                return None
             logits = self.forward(embeds[c:c + step])
         return logits
 

@@ -15,7 +15,8 @@
   2. prefill in chunks (`chunk_size`, default 512), then one decode step per token.
   3. stop, in this order after each sampled token: eos ("eos"; the eos id is in token_ids, not in the text); a
      stop string ("stop"); max_new_tokens ("max_new_tokens"); a full cache ("context": the sampled token is
-     kept but there is no room to feed it back). `Stream.cancel()` (any thread) or `Stream.close()` (also what
+     kept but there is no room to feed it back). `Stream.cancel()` (any thread; also between prefill chunks, where
+     it ends the request with no token and the chunks done stay in the cache) or `Stream.close()` (also what
      leaving a `for` loop and garbage collection do) end it with "cancelled"; an exception with "error".
 
 Text: ids -> IncrementalDetokenizer (never a broken character) -> stop-string gate: text that could still be the
@@ -281,7 +282,8 @@ class Stream:
         self.close()
 
     def cancel(self) -> None:
-        """Stop after the current step (thread-safe: only sets a flag); the held-back text is still yielded."""
+        """Stop after the current step or prefill chunk (thread-safe: only sets a flag); the held-back text is still
+        yielded."""
         self._cancel = True
 
     def close(self) -> None:
@@ -327,7 +329,7 @@ class Stream:
         t0 = time.perf_counter()
         embeds = eng.embed(inp.input_ids[keep:], pixel_values, inp.images_seq_mask[keep:], crop)
         t1 = time.perf_counter()
-        logits = eng.prefill(embeds, self.chunk_size)
+        logits = eng.prefill(embeds, self.chunk_size, stop=lambda: self._cancel)
         t2 = time.perf_counter()
         vision = eng.timings.vision - v0
         self._t.update(vision_s=vision, vision_tiles=0 if pixel_values is None else len(pixel_values),
@@ -339,6 +341,9 @@ class Stream:
         reason = None
         try:
             logits = self._prefill()
+            if logits is None:  # cancelled between prefill chunks: no token
+                reason = "cancelled"
+                return
             sampler = Sampler(p)
             seen: set[int] = set(self.inputs.input_ids.tolist()) if p.repetition_penalty != 1.0 else set()
             cache_ids = self.runner.cache.ids

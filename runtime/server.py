@@ -12,8 +12,8 @@ client that resends the whole conversation prefills only the new turn (`usage.pr
 
 The event loop never runs the model. A request is a `Job`: the worker runs it and posts its events (start, text
 deltas, done, error) back to the loop, which writes them out. A task per request watches the connection; when the
-client goes away the job is cancelled: a waiting job never starts, a running one stops at its next token
-(`Stream.cancel`). A streamed request's status is decided before its headers go out: the events wait until the
+client goes away the job is cancelled: a waiting job never starts, a running one stops at its next token or
+prefill chunk (`Stream.cancel`). A streamed request's status is decided before its headers go out: the events wait until the
 model has accepted the prompt, so a prompt that is too long or an unreadable image is a 400, streamed or not.
 
 Every error is JSON in OpenAI's shape {"error": {"message", "type", "param", "code"}} with its status; an

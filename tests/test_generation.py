@@ -187,6 +187,31 @@ def test_cancel_mid_stream_then_the_next_request_works(models):
     assert m.generate("Tell me a story.", max_new_tokens=10).token_ids == expected
 
 
+def test_cancel_during_the_prefill_stops_between_chunks(models, monkeypatch):
+    """A long prompt is not prefilled to the end once cancelled (a server client that left): the stream ends
+    between chunks with no token, the chunks done stay in the cache, and the next request reuses them."""
+    m = models["test-tiny"]
+    m.reset()
+    prompt = "Count the words in this sentence. " * 40
+    expected = m.generate(prompt, max_new_tokens=4, reuse_cache=False).token_ids
+    m.reset()
+    stream = m.generate(prompt, max_new_tokens=4, stream=True, chunk_size=64)
+    chunks, forward = [], m.engine.forward
+
+    def counting(embeds):
+        chunks.append(len(embeds))
+        if len(chunks) == 2:
+            stream.cancel()  # as the server's disconnect watcher does, while a chunk runs
+        return forward(embeds)
+
+    monkeypatch.setattr(m.engine, "forward", counting)
+    assert list(stream) == [] and stream.result.stop_reason == "cancelled" and stream.result.token_ids == []
+    assert chunks == [64, 64] and m.engine.length == 128 < stream.result.prompt_tokens
+    monkeypatch.setattr(m.engine, "forward", forward)
+    again = m.generate(prompt, max_new_tokens=4)
+    assert again.cached_tokens == 128 and again.token_ids == expected
+
+
 def test_stop_string_across_token_boundaries(models):
     m = models["test-vl2"]
     proc = m.processor
