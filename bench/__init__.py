@@ -17,7 +17,8 @@ One idea per module:
   runner.py          run_bench and the CLI entry
   profile.py         ORT's profiler over a decode step (or a prefill chunk): time per op and graph
 Single-graph micro-benchmarks: attention_layer_latency.py, vision_tile_latency.py; fidelity.py (logits against the
-reference, per stage); server_overhead.py (`vl2edge serve` against the Python API). README.md: how to run, what is
+reference, per stage); server_overhead.py (`vl2edge serve` against the Python API); gpu_check.py (`vl2edge bench
+--provider cuda --check`: a GPU's parity and speed in one command). README.md: how to run, what is
 measured, how to read it.
 """
 
