@@ -20,7 +20,7 @@ def _export(args) -> int:
 
     out = export(args.src, args.out, experts=args.experts, block_size=args.block_size, target=args.target,
                  force=args.force, max_len=args.max_len, progress=not args.quiet, dense=args.dense,
-                 vision=args.vision, kv_cache=args.kv_cache)
+                 head=args.head, vision=args.vision, kv_cache=args.kv_cache)
     print(out)
     return 0
 
@@ -377,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dense", default=None, choices=["int4", "int8"],
                    help="cpu: attention, dense/shared MLP and lm_head weights (default int8; the embedding and "
                         "the vision tower are int8 either way)")
+    e.add_argument("--head", default=None, choices=["int4", "int8"],
+                   help="cpu: lm_head weights (default: --dense's). `--dense int4 --head int8` keeps the output "
+                        "layer at int8, where int4 costs most of the accuracy (README, Precision)")
     e.add_argument("--vision", default="int8", choices=["int8", "int8-dynamic"],
                    help="cpu: int8-dynamic runs the vision matmuls on int8 activations (~5x faster per matmul "
                         "on AMX/VNNI) in the layers where export-time calibration shows it is accurate")

@@ -175,7 +175,7 @@ def variant_overrides(manifest: dict) -> dict[str, dict]:
         raise ValueError("--stages needs a cpu artifact with int4/int8 experts (the others have no quantized stage "
                          "to swap)")
     block = q["experts"]["block_size"]
-    base = {"experts": experts, "block_size": block, "dense": q["linear"]["kind"],
+    base = {"experts": experts, "block_size": block, "dense": q["linear"]["kind"], "head": q["lm_head"]["kind"],
             "vision": "int8-dynamic" if "vision_dynamic" in q else "int8",
             "kv_cache": q.get("kv_cache", {}).get("kind", "float")}
     plan = precision_plan(experts, block, "cpu", base["dense"])

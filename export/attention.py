@@ -304,8 +304,13 @@ def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids
     # decode: T = 1, so the query rows are the nh heads and nothing needs a causal mask
     d = g.branch("decode")
     q = d.op("Reshape", [q_full, d.const("q_rows", i64(nh, width))], hint="q_rows")  # [nh, width]
-    # Gemm reads the cache row-major as it lies (transB): no transposed copy
-    s_past = d.op("Gemm", [q, past], hint="scores_past", transB=1, alpha=scale)  # [nh, P]
+    # The cache is the product's A, streamed row by row as it lies, and the small [nh, width] queries its B: MLAS
+    # packs B before multiplying, and packing the [P, width] cache instead (as B of q @ past^T) made this product
+    # 1.5x slower at 4000 cached tokens (0.62 vs 0.41 ms, real Small dims, 2 threads). The [P, nh] result is
+    # transposed, a copy of nh * P floats against the P * width read. MatMul, not Gemm: ORT's GemmTransposeFusion
+    # rewrites Transpose(Gemm(past, q^T)) back into Gemm(q, past^T).
+    q_t = d.op("Transpose", [d.op("Mul", [q, d.const("scale", np.array(scale, io_dtype))])], perm=[1, 0])
+    s_past = d.op("Transpose", [d.op("MatMul", [past, q_t], hint="scores_past")], perm=[1, 0])  # [nh, P]
     s_new = d.op("Gemm", [q, new], hint="scores_new", transB=1, alpha=scale)  # [nh, 1]
     # positive axes: ORT 1.31 reduces an empty [nh, 0] (P = 0) along axis 1 to [nh, 1] of -inf (max) and 0 (sum),
     # as ONNX specifies, but along axis -1 to an empty [nh, 0]

@@ -98,14 +98,21 @@ def choose_block_size(cfg: VL2Config) -> tuple[int, str]:
     raise ExportError(f"no supported block size {BLOCK_SIZES} divides {dims}")
 
 
-def precision_plan(experts: str, block_size: int, target: str, dense: str | None = None) -> dict[str, Precision]:
-    """Precision per weight group (see the module docstring). dense: cpu target with quantized experts only."""
+def precision_plan(experts: str, block_size: int, target: str, dense: str | None = None,
+                   head: str | None = None) -> dict[str, Precision]:
+    """Precision per weight group (see the module docstring). dense, head (lm_head; default: dense's): cpu target
+    with quantized experts only."""
     if experts not in EXPERT_CHOICES:
         raise ExportError(f"--experts {experts!r}: choose one of {EXPERT_CHOICES}")
     if dense is not None and dense not in DENSE_CHOICES:
         raise ExportError(f"--dense {dense!r}: choose one of {DENSE_CHOICES}")
     if dense is not None and (target != "cpu" or experts not in ("int4", "int8")):
         raise ExportError(f"--dense applies to --target cpu with int4/int8 experts, not {experts} experts on "
+                          f"{target}")
+    if head is not None and head not in DENSE_CHOICES:
+        raise ExportError(f"--head {head!r}: choose one of {DENSE_CHOICES}")
+    if head is not None and (target != "cpu" or experts not in ("int4", "int8")):
+        raise ExportError(f"--head applies to --target cpu with int4/int8 experts, not {experts} experts on "
                           f"{target}")
     if block_size not in BLOCK_SIZES:
         raise ExportError(f"--block-size {block_size}: choose 32, 64 or 128")
@@ -118,8 +125,9 @@ def precision_plan(experts: str, block_size: int, target: str, dense: str | None
                     "lm_head": everything}
         dense_prec = Precision(dense or "int8", block_size, accuracy_level=4)
         int8 = Precision("int8", block_size, accuracy_level=4)
+        head_prec = Precision(head, block_size, accuracy_level=4) if head else dense_prec
         return {"experts": Precision(experts, block_size, accuracy_level=4), "linear": dense_prec, "vision": int8,
-                "embedding": int8, "lm_head": dense_prec}
+                "embedding": int8, "lm_head": head_prec}
     if target == "cuda":
         fp16 = Precision("fp16")
         expert = fp16 if experts in ("fp16", "fp32") else Precision(experts, block_size, accuracy_level=0)
@@ -160,7 +168,7 @@ def _partial_dirs(out: Path) -> list[Path]:
 
 def export(src, out, experts: str = "int4", block_size: int | None = None, target: str = "cpu", force: bool = False,
            max_len: int | None = None, progress: bool = True, revision: str | None = None,
-           dense: str | None = None, vision: str = "int8", kv_cache: str = "auto",
+           dense: str | None = None, head: str | None = None, vision: str = "int8", kv_cache: str = "auto",
            stage_precision: dict[str, Precision] | None = None) -> Path:
     """stage_precision: per-stage overrides of the precision plan, keys STAGES (the fidelity tool,
     bench/fidelity.py, exports variants with one stage at fp32 to attribute the error); recorded in the manifest."""
@@ -168,7 +176,7 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
     from safetensors.numpy import save_file
     from tqdm import tqdm
 
-    plan = precision_plan(experts, block_size or DEFAULT_BLOCK_SIZE, target, dense)  # bad requests: before any read
+    plan = precision_plan(experts, block_size or DEFAULT_BLOCK_SIZE, target, dense, head)  # bad requests: first
     if vision not in VISION_CHOICES:
         raise ExportError(f"--vision {vision!r}: choose one of {VISION_CHOICES}")
     if vision == DYNAMIC and (target != "cpu" or plan["vision"].kind != "int8"):
@@ -184,7 +192,7 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
         block_size, why = choose_block_size(cfg)
         if progress:
             print(f"block size {block_size} ({why}; --block-size sets it)", file=sys.stderr)
-        plan = precision_plan(experts, block_size, target, dense)
+        plan = precision_plan(experts, block_size, target, dense, head)
     plan = with_stage_overrides(plan, stage_precision)
     if plan["experts"].bits and L.n_routed_experts:
         for what, k in _block_dims(L).items():

@@ -28,6 +28,7 @@ from ..model.config import VL2Config
 from .artifact import Artifact, ArtifactError, open_artifact
 from .dispatch import ExpertCounts, RoutingConfig, expert_graph_inputs, route
 from .image_layout import scatter_images
+from .residency import page_out_files
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -177,8 +178,12 @@ class Engine:
 
     def _session(self, file: str) -> ort.InferenceSession:
         try:
-            return ort.InferenceSession(str(self.artifact.path(file)), sess_options=self._opts,
-                                        providers=self.providers)
+            session = ort.InferenceSession(str(self.artifact.path(file)), sess_options=self._opts,
+                                           providers=self.providers)
+            # what the session read while loading (QMoE's block scales, weights it prepacked) stays mapped and
+            # resident unless given back; what its kernels still read faults back in on use (runtime/residency.py)
+            page_out_files(self.artifact.dir)
+            return session
         except Exception as e:  # onnxruntime's own errors for a graph it cannot load
             if type(e).__module__.startswith("onnxruntime"):
                 first = str(e).splitlines()[0] if str(e) else ""

@@ -212,6 +212,23 @@ def test_dense_int4_quantizes_the_other_linears_and_still_tracks_the_reference(t
         export(test_checkpoints["test-small"], tmp_path / "y", dense="int2", progress=False)
 
 
+def test_head_keeps_lm_head_at_its_own_precision_under_dense_int4(test_checkpoints, artifacts, tmp_path):
+    """`--dense int4 --head int8`: the memory plan for Small (README) keeps the output layer at int8."""
+    from vl2edge.cli import main
+
+    art = tmp_path / "dense4-head8"
+    assert main(["export", str(test_checkpoints["test-small"]), str(art), "--experts", "int4", "--dense", "int4",
+                 "--head", "int8", "--block-size", "32", "--quiet"]) == 0
+    q = open_artifact(art).manifest["quantization"]
+    assert q["linear"]["kind"] == "int4" and q["lm_head"]["kind"] == "int8"
+    assert (art / "head.onnx.data").stat().st_size == \
+        (artifacts["test-small", "int4"] / "head.onnx.data").stat().st_size  # the int8 default's head, same bytes
+    with pytest.raises(ExportError, match="--head 'int2'"):
+        export(test_checkpoints["test-small"], tmp_path / "x", head="int2", progress=False)
+    with pytest.raises(ExportError, match="--head applies"):
+        export(test_checkpoints["test-small"], tmp_path / "y", experts="fp32", head="int8", progress=False)
+
+
 def test_failed_export_leaves_nothing(test_checkpoints, tmp_path, monkeypatch):
     import vl2edge.export.exporter as exporter
 

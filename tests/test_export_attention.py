@@ -15,6 +15,7 @@ import sys
 import textwrap
 
 import numpy as np
+from onnx import numpy_helper
 import onnxruntime as ort
 import pytest
 import torch
@@ -152,8 +153,8 @@ def test_fp32_matches_reference_and_writes_cache_in_place(loaded, preset, layer)
 def test_graph_structure(loaded):
     """GQA forms: one GQA per layer writing straight into the graph's present outputs (an Identity there would
     break the aliasing). MLA (fp32, CPU): an If on the chunk length; decoding, the valid cache prefix feeds exactly
-    one Gemm (scores, reading the rows as they lie) and one MatMul (context), so a step reads the cache twice in all
-    and never copies it; the new rows are the graph output `latent_new`. MLA fp16 (CUDA): one cache input feeding
+    two MatMuls (scores, the cache as A read as its rows lie; context, the cache as B), so a step reads the cache
+    twice in all and never copies it; the new rows are the graph output `latent_new`. MLA fp16 (CUDA): one cache input feeding
     past_key and past_value of GQA. RoPE outside the attention, W_UK/W_UV unquantized in both MLA forms."""
     cases = [("test-tiny", np.float32), ("test-small", np.float32), ("test-small", np.float16)]
     for preset, io in cases:
@@ -177,13 +178,17 @@ def test_graph_structure(loaded):
             (if_node,) = [n for n in m.graph.node if n.op_type == "If"]
             branches = {a.name: a.g for a in if_node.attribute}
             decode, prefill = branches["then_branch"], branches["else_branch"]
-            # decode: the prefix feeds exactly one Gemm (scores, rows as they lie) and one MatMul (context): two reads,
-            # no copy; prefill: GQA over a copy of [prefix | chunk]
+            # decode: the prefix feeds exactly two MatMuls, scores with the cache as A (streamed as its rows lie;
+            # MLAS packs only the small queries) and context with it as B: two reads, no copy; prefill: GQA over a
+            # copy of [prefix | chunk]
             readers = [n for n in decode.node if "past_latent" in n.input]
-            assert sorted(n.op_type for n in readers) == ["Gemm", "MatMul"]
-            gemm = next(n for n in readers if n.op_type == "Gemm")
-            attrs = {a.name: a for a in gemm.attribute}
-            assert attrs["transB"].i == 1 and attrs["alpha"].f == pytest.approx((16 + 8) ** -0.5)  # 1/sqrt(192)
+            assert [n.op_type for n in readers] == ["MatMul", "MatMul"]
+            assert sorted(list(n.input).index("past_latent") for n in readers) == [0, 1]
+            consts = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}  # a branch's constants
+            scaled = [n for n in decode.node if n.op_type == "Mul" and any(i in consts for i in n.input)
+                      and consts[next(i for i in n.input if i in consts)].size == 1]
+            (mul,) = scaled  # the queries times 1/sqrt(192), once
+            assert consts[next(i for i in mul.input if i in consts)].item() == pytest.approx((16 + 8) ** -0.5)
             (pgqa,) = [n for n in prefill.node if n.op_type == "GroupQueryAttention"]
             attrs = {a.name: a for a in pgqa.attribute}
             assert attrs["kv_num_heads"].i == 1 and attrs["do_rotary"].i == 0

@@ -65,6 +65,9 @@ def test_stages_attribute_the_error_and_the_cli_writes_json(exported, test_check
     assert set(variants) == {"vision", "embedding", "attention", "dense_mlp", "shared_experts", "experts", "lm_head",
                              "activations", "kv_cache"}
     assert variants["kv_cache"]["kv_cache"] == "float"
+    mixed = json.loads(json.dumps(manifest))  # an `--dense int4 --head int8` artifact: variants keep both choices
+    mixed["quantization"]["linear"]["kind"] = "int4"
+    assert {(v["dense"], v["head"]) for v in fidelity.variant_overrides(mixed).values()} == {("int4", "int8")}
     out = tmp_path / "fid.json"
     assert fidelity.main([str(art), "--reference", str(test_checkpoints["test-tiny"]), "--stages",
                           "--conversations", "2", "--steps", "4", "--json", str(out)]) == 0
