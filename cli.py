@@ -446,8 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "a checkpoint directory (default: real-dims tiny)")
     b.add_argument("--precisions", default=None, help="artifacts to export and measure, comma-separated: int4, "
                                                       "int8, fp32 (routed experts; other weights int8), "
-                                                      "+ -dense4 (`export --dense int4`) and/or -vdyn "
-                                                      "(`--vision int8-dynamic`), e.g. int4-vdyn; default "
+                                                      "+ -dense4 (`export --dense int4`), -head8 (after -dense4: "
+                                                      "`--head int8`) and/or -vdyn (`--vision int8-dynamic`), "
+                                                      "e.g. int4-vdyn; default "
                                                       "int4,int8; --quick int4")
     b.add_argument("--threads", type=int, default=None, help="intra-op threads, runtime and reference (default: "
                                                              "the usable cores)")

@@ -63,11 +63,12 @@ def checkpoint_key(ckpt: Path) -> str:
 
 
 # A bench precision names an export: the routed experts' kind, then "-dense4" when the language model's other
-# Linears and lm_head are int4 too (`vl2edge export --dense int4`; plain int4/int8 keep them int8), then "-vdyn" when
+# Linears and lm_head are int4 too (`vl2edge export --dense int4`; plain int4/int8 keep them int8), then "-head8" when
+# lm_head stays int8 all the same (`--head int8`, the memory plan for Small in README), then "-vdyn" when
 # the vision matmuls are int8-dynamic where calibration allows (`--vision int8-dynamic`), then "-kv8" / "-kvf" when
 # the KV cache is asked to be int8 / float instead of the exporter's auto choice (`--kv-cache`). E.g. "int4-vdyn".
-SUFFIXES = {"-dense4": ("dense", "int4"), "-vdyn": ("vision", "int8-dynamic"), "-kv8": ("kv_cache", "int8"),
-            "-kvf": ("kv_cache", "float")}
+SUFFIXES = {"-dense4": ("dense", "int4"), "-head8": ("head", "int8"), "-vdyn": ("vision", "int8-dynamic"),
+            "-kv8": ("kv_cache", "int8"), "-kvf": ("kv_cache", "float")}
 
 
 def export_options(precision: str) -> dict:
@@ -86,9 +87,10 @@ BASE_PRECISIONS = ("int4", "int8", "fp32", "fp16")
 def check_precision(precision: str) -> None:
     """A known experts kind, with suffixes only where the export accepts them (quantized experts)."""
     opts = export_options(precision)
-    if opts["experts"] not in BASE_PRECISIONS or (len(opts) > 1 and opts["experts"] not in ("int4", "int8")):
+    if opts["experts"] not in BASE_PRECISIONS or (len(opts) > 1 and opts["experts"] not in ("int4", "int8")) \
+            or ("head" in opts and "dense" not in opts):  # -head8 alone is plain int4/int8
         raise ValueError(f"precision {precision!r}: one of {BASE_PRECISIONS}, int4/int8 optionally followed by "
-                         f"{' and/or '.join(SUFFIXES)} (e.g. int4-dense4-vdyn)")
+                         f"{' and/or '.join(SUFFIXES)} (e.g. int4-dense4-vdyn; -head8 after -dense4 only)")
 
 
 def precision_name(quantization: dict) -> str:
@@ -97,6 +99,8 @@ def precision_name(quantization: dict) -> str:
     name = experts
     if experts in ("int4", "int8") and quantization.get("linear", {}).get("kind") == "int4":
         name += "-dense4"
+        if quantization.get("lm_head", {}).get("kind") == "int8":
+            name += "-head8"
     if "vision_dynamic" in quantization:
         name += "-vdyn"
     kv = quantization.get("kv_cache", {})

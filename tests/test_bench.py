@@ -197,13 +197,18 @@ def test_a_reference_that_cannot_fit_is_skipped_with_the_reason():
 
 
 def test_dense4_precision_is_its_own_cached_artifact(bench_run, test_checkpoints):
-    from vl2edge.bench.prepare import export_options, precision_name, prepare_artifact
+    from vl2edge.bench.prepare import check_precision, export_options, precision_name, prepare_artifact
 
     assert export_options("int4-dense4") == {"experts": "int4", "dense": "int4"}
     assert export_options("int8") == {"experts": "int8"}
     assert export_options("int4-dense4-vdyn") == {"experts": "int4", "dense": "int4", "vision": "int8-dynamic"}
     assert precision_name({"experts": {"kind": "int4"}, "linear": {"kind": "int4"}, "vision_dynamic": {}}) == \
         "int4-dense4-vdyn"
+    assert export_options("int4-dense4-head8") == {"experts": "int4", "dense": "int4", "head": "int8"}
+    assert precision_name({"experts": {"kind": "int4"}, "linear": {"kind": "int4"}, "lm_head": {"kind": "int8"}}) \
+        == "int4-dense4-head8"
+    with pytest.raises(ValueError, match="-head8 after -dense4 only"):
+        check_precision("int4-head8")
     doc, out = bench_run
     art = Path(doc["runtime"]["int4"]["artifact"])
     dense4 = prepare_artifact(test_checkpoints["test-tiny"], "int4-dense4", 32, cache_dir=art.parent.parent,
