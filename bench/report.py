@@ -160,9 +160,10 @@ def build_document(*, command: str, mode: str, model: dict, config: dict, machin
                    for k, v in recs.items() if not _ok(v)],
         "skipped": list(skipped or []),
     }
-    results = targets.evaluate(doc, config=config)
+    judged = targets.precision_for(runtime)
+    results = targets.evaluate(doc, precision=judged, config=config)
     doc["targets"] = {"applies": targets.applies(config), "model": targets.model_of(config) or "tiny",
-                      "precision": targets.PRECISION,
+                      "precision": judged,
                       "reference": targets.REFERENCE, "results": results,
                       "passed": sum(r["passed"] is True for r in results),
                       "failed": sum(r["passed"] is False for r in results),

@@ -99,6 +99,14 @@ def evaluate_small(doc: dict, precision: str = PRECISION) -> list[dict]:
     return out
 
 
+def precision_for(runtime: dict) -> str:
+    """The measured precision the INT4 targets judge: "int4" when the run has it, else the first other INT4 export
+    it measured (e.g. "int4-dense4-head8", Small's memory plan), else "int4" (then reported as missing)."""
+    if PRECISION in runtime:
+        return PRECISION
+    return next((p for p in runtime if p.startswith(PRECISION + "-")), PRECISION)
+
+
 def evaluate(doc: dict, precision: str = PRECISION, reference: str = REFERENCE,
              config: dict | None = None) -> list[dict]:
     """The target set of the model whose config.json is `config`: small's, or tiny's for anything else."""

@@ -418,6 +418,15 @@ def test_small_targets_by_hand():
     assert res["prefill"]["passed"] is False and res["peak_rss"]["passed"] is False
     text = report.render_table(doc)
     assert "targets of small (int4)" in text and "SKIPPED: reference float32: x" in text
+    # a run of only Small's memory plan (int4-dense4-head8) is judged as the INT4 runtime, and says which
+    plan = report.build_document(command="test", mode="custom", model={"name": "small", "source": "preset"},
+                                 config=preset_config("small"), machine={}, workload={},
+                                 runtime={"int4-dense4-head8": rt}, reference={})
+    assert plan["targets"]["precision"] == "int4-dense4-head8"
+    assert {r["id"]: r["passed"] for r in plan["targets"]["results"]} == {k: v["passed"] for k, v in res.items()}
+    assert "targets of small (int4-dense4-head8)" in report.render_table(plan)
+    assert targets.precision_for({"int8": {}, "int4": {}, "int4-vdyn": {}}) == "int4"
+    assert targets.precision_for({"int8": {}}) == "int4"  # reported as missing
     # a truncated small is not the model the targets are stated for: tiny's set, marked as not applying
     assert report.build_document(command="t", mode="custom", model={}, config=preset_config("small", layers=2),
                                  machine={}, workload={}, runtime={"int4": rt}, reference={})["targets"]["applies"] \
