@@ -62,7 +62,8 @@ def reset_peak() -> bool:
 # name -> what differs from the Engine's defaults: session config entries ("entries"), SessionOptions attributes
 # ("attrs"), and two engine-level options: "vision_batch" (tiles per vision call; the engine's CPU default is 1) and
 # "transient_vision" (Engine(transient_vision=True): the vision session exists only while images are encoded, and
-# the language model's sessions are created after it), and "prefill_chunk" (tokens per prefill chunk, default 512).
+# the language model's sessions are created after it; "vision_alone": and released while later images are encoded),
+# and "prefill_chunk" (tokens per prefill chunk, default 512).
 # Each runs in its own process.
 VARIANTS: dict[str, dict] = {
     "default": {},
@@ -75,7 +76,7 @@ VARIANTS: dict[str, dict] = {
     "vision_batch4": {"vision_batch": 4},
     "transient_vision": {"transient_vision": True},
     "no_prepack+transient_vision": {"entries": {"session.disable_prepacking": "1"}, "transient_vision": True},
-    "low_memory": {"transient_vision": True, "prefill_chunk": 256},  # vl2edge.load(low_memory=True)
+    "low_memory": {"transient_vision": True, "vision_alone": True, "prefill_chunk": 256},  # load(low_memory=True)
 }
 
 
@@ -108,7 +109,7 @@ def _probe_child(artifact: str, variant: str, threads: int | None, vision: bool,
     steps = {"start": rss()}
     t0 = time.perf_counter()
     eng = ProbeEngine(artifact, provider="cpu", threads=threads, verify="size",
-                      transient_vision=v.get("transient_vision", False))
+                      transient_vision=v.get("transient_vision", False), vision_alone=v.get("vision_alone", False))
     load_s = time.perf_counter() - t0
     steps["loaded"] = rss()
     malloc_trim()

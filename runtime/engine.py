@@ -109,11 +109,18 @@ class _Layer:
 
 class Engine:
     def __init__(self, artifact: str | Artifact, provider: str | None = None, threads: int | None = None,
-                 verify: str = "sha256", spin: bool = False, transient_vision: bool = False):
+                 verify: str = "sha256", spin: bool = False, transient_vision: bool = False,
+                 vision_alone: bool = False):
         """transient_vision: create the vision session for each encode_images call and release it after, instead
         of keeping it for the engine's life: its weights (int8 SigLIP, ~0.43 GB) and prepacked copies are then
         resident only while images are encoded, at the price of loading it again for every image. The language
-        model's sessions are then created at first use, after the first images (load_language)."""
+        model's sessions are then created at first use, after the first images (load_language).
+        vision_alone (with transient_vision): images that come once the language model is loaded (a later turn, a
+        second request) are encoded with its sessions released (release_language) and recreated at the next
+        forward, so the two graphs are never resident together in a session either, at the price of reloading the
+        language model after each such image. The KV cache is the engine's own buffers and keeps its contents."""
+        if vision_alone and not transient_vision:
+            raise ValueError("vision_alone needs transient_vision (a resident vision session is never alone)")
         self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(artifact, verify=verify)
         m = self.artifact.manifest
         self.config = VL2Config.from_dict(m["source"]["config"], str(self.artifact.dir / "manifest.json"))
@@ -138,6 +145,7 @@ class Engine:
         g = m["graphs"]
         self._vision_file = g["vision"]["file"]
         self.transient_vision = transient_vision
+        self.vision_alone = vision_alone
         self.vision = None if transient_vision else self._session(self._vision_file)
         self.attention_kind = m["attention"]["kind"]
         self.embedding: ort.InferenceSession | None = None
@@ -175,6 +183,14 @@ class Engine:
         self.layers = layers
         self.head = self._session(g["head"]["file"])
         self.embedding = self._session(g["embedding"]["file"])  # last: it marks the language model as loaded
+
+    def release_language(self) -> None:
+        """Drop the language model's sessions and give their memory back; load_language makes them again. The KV
+        cache (the engine's buffers) and `length` are kept, so the conversation goes on where it was."""
+        if self.embedding is None:
+            return
+        self.embedding, self.head, self.layers = None, None, []
+        malloc_trim()
 
     def _session(self, file: str) -> ort.InferenceSession:
         try:
@@ -229,6 +245,8 @@ class Engine:
         speed, while the shared arena keeps the largest run's activations: measured on real-dims Tiny int4, 4 tiles
         in 3.81 s/tile at batch 1 vs 3.91 at batch 4, RSS after them 2.61 vs 2.81 GiB."""
         batch = batch or (4 if self.provider == "cuda" else 1)
+        if self.vision_alone:
+            self.release_language()
         t0 = time.perf_counter()
         vision = self.vision or self._session(self._vision_file)  # transient: loaded here, released on return
         outs = [vision.run(None, {"pixel_values": pixel_values[i:i + batch].astype(self.io_dtype)})[0]

@@ -150,7 +150,8 @@ def test_bad_artifacts_and_options_are_refused(artifact, test_checkpoints, tmp_p
 
 def test_low_memory_gives_the_same_answer(artifact, model, photo):
     lean = vl2edge.load(artifact, threads=1, low_memory=True, verify="size")
-    assert lean.chunk_size == 256 and lean.engine.transient_vision and lean.engine.embedding is None
+    assert lean.chunk_size == 256 and lean.engine.transient_vision and lean.engine.vision_alone
+    assert lean.engine.embedding is None
     r = lean.generate("<image>\nDescribe it.", images=[photo], max_new_tokens=8, reuse_cache=False)
     expected = model.generate("<image>\nDescribe it.", images=[photo], max_new_tokens=8, reuse_cache=False)
     assert r.token_ids == expected.token_ids and lean.engine.vision is None

@@ -379,6 +379,36 @@ def test_transient_vision_loads_the_language_model_after_the_images(test_checkpo
     assert resident.layers and resident.embedding is not None  # the default loads everything up front
 
 
+def test_vision_alone_releases_the_language_model_for_a_later_image_and_the_conversation_goes_on(
+        test_checkpoints, artifacts, monkeypatch):
+    """Engine(vision_alone=True), low_memory's engine: an image that comes after the language model is loaded is
+    encoded with the language sessions released; they are made again at the next forward, and the KV cache (the
+    engine's buffers) keeps the conversation, so the logits equal a fully resident engine's."""
+    inp = prompt(test_checkpoints, "test-tiny")
+    art = artifacts["test-tiny", "int4"]
+    with pytest.raises(ValueError, match="needs transient_vision"):
+        Engine(art, vision_alone=True)
+    resident = Engine(art)
+    eng = Engine(art, transient_vision=True, vision_alone=True)
+    first = [e.prefill(e.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop))
+             for e in (resident, eng)]
+    steps = [[e.decode(t) for t in (5, 7)] for e in (resident, eng)]
+    events = []
+    real_session = Engine._session
+    monkeypatch.setattr(Engine, "_session", lambda self, file: events.append(file) or real_session(self, file))
+    monkeypatch.setattr(Engine, "release_language",
+                        lambda self, real=Engine.release_language: events.append("language released") or real(self))
+    second = [e.prefill(e.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop))
+              for e in (resident, eng)]
+    vision_file = eng.artifact.manifest["graphs"]["vision"]["file"]
+    assert events[:2] == ["language released", vision_file]  # the resident engine made no session
+    assert len(events) == 2 + 2 + 2 * len(eng.layers) and eng.embedding is not None
+    assert eng.length == resident.length == 2 * len(inp.input_ids) + 2
+    np.testing.assert_array_equal(first[0], first[1])
+    np.testing.assert_array_equal(np.array(steps[0]), np.array(steps[1]))
+    np.testing.assert_array_equal(second[0], second[1])
+
+
 class RecordingBinding:
     """An IOBinding that records where each output is bound and which inputs arrive as OrtValues."""
 
