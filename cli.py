@@ -343,7 +343,8 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
                    help="load the vision graph per image and release it after: less memory, slower images")
     p.add_argument("--low-memory", action="store_true",
                    help="the lowest peak RSS: --transient-vision with the language model loaded after the first "
-                        "images, and 256-token prefill chunks (slower prefill, a vision load per image)")
+                        "images and released while later images are encoded, and 256-token prefill chunks (slower "
+                        "prefill, a vision load per image, a language-model load after each later image)")
     p.add_argument("--official-pixels", action="store_true",
                    help="open images as the official code does: no EXIF rotation, transparency dropped instead of "
                         "composited over white (to compare answers with it)")
