@@ -197,8 +197,10 @@ class Engine:
             session = ort.InferenceSession(str(self.artifact.path(file)), sess_options=self._opts,
                                            providers=self.providers)
             # what the session read while loading (QMoE's block scales, weights it prepacked) stays mapped and
-            # resident unless given back; what its kernels still read faults back in on use (runtime/residency.py)
-            page_out_files(self.artifact.dir)
+            # resident unless given back; what its kernels still read faults back in on use (runtime/residency.py).
+            # This graph's files only: the pages other sessions read in place at every step (an embedding row, MLA's
+            # W_UK) stay put when a transient vision session is made.
+            page_out_files(self.artifact.path(file))
             return session
         except Exception as e:  # onnxruntime's own errors for a graph it cannot load
             if type(e).__module__.startswith("onnxruntime"):

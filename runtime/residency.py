@@ -36,9 +36,11 @@ def _libc_madvise():
     return _madvise
 
 
-def mapped_ranges(directory: str | os.PathLike) -> list[tuple[int, int, str]]:
-    """(start, end, path) of this process's memory mappings of files under `directory` (Linux; [] elsewhere)."""
-    prefix = str(Path(directory).resolve()) + os.sep
+def mapped_ranges(path: str | os.PathLike) -> list[tuple[int, int, str]]:
+    """(start, end, file) of this process's memory mappings of the files under `path` if it is a directory, else of
+    `path` and the files named after it (a graph X.onnx and its external data X.onnx.data). Linux; [] elsewhere."""
+    path = Path(path).resolve()
+    prefix = str(path) + (os.sep if path.is_dir() else "")
     out = []
     try:
         with open("/proc/self/maps") as f:
@@ -52,12 +54,12 @@ def mapped_ranges(directory: str | os.PathLike) -> list[tuple[int, int, str]]:
     return out
 
 
-def page_out_files(directory: str | os.PathLike) -> int:
-    """Ask the kernel to reclaim the resident pages of every mapping of a file under `directory`. Returns the bytes
-    of address space advised (0 where the platform or kernel does not support it)."""
+def page_out_files(path: str | os.PathLike) -> int:
+    """Ask the kernel to reclaim the resident pages of the mappings `mapped_ranges(path)` lists. Returns the bytes of
+    address space advised (0 where the platform or kernel does not support it)."""
     if not sys.platform.startswith("linux"):
         return 0
-    ranges = mapped_ranges(directory)
+    ranges = mapped_ranges(path)
     if not ranges:
         return 0
     madvise = _libc_madvise()
