@@ -196,18 +196,18 @@ class Engine:
         try:
             session = ort.InferenceSession(str(self.artifact.path(file)), sess_options=self._opts,
                                            providers=self.providers)
-            # what the session read while loading (QMoE's block scales, weights it prepacked) stays mapped and
-            # resident unless given back; what its kernels still read faults back in on use (runtime/residency.py).
-            # This graph's files only: the pages other sessions read in place at every step (an embedding row, MLA's
-            # W_UK) stay put when a transient vision session is made.
-            page_out_files(self.artifact.path(file))
-            return session
         except Exception as e:  # onnxruntime's own errors for a graph it cannot load
             if type(e).__module__.startswith("onnxruntime"):
                 first = str(e).splitlines()[0] if str(e) else ""
                 raise ArtifactError(f"{self.artifact.dir}: onnxruntime cannot load {file} ({type(e).__name__}: "
                                     f"{first})") from e
             raise
+        # What the session read while loading (QMoE's block scales, weights it prepacked) stays mapped and resident
+        # unless given back; what its kernels still read faults back in on use (runtime/residency.py). This graph's
+        # files only: the pages other sessions read in place at every step (an embedding row, MLA's W_UK) stay put
+        # when a transient vision session is made.
+        page_out_files(self.artifact.path(file))
+        return session
 
     def _allocate_caches(self, shapes: list[tuple[int, ...]], n_layers: int) -> None:
         """One set of buffers per layer, bound in place at every step. On CPU the OrtValues share the numpy arrays'

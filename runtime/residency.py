@@ -62,7 +62,10 @@ def page_out_files(path: str | os.PathLike) -> int:
     ranges = mapped_ranges(path)
     if not ranges:
         return 0
-    madvise = _libc_madvise()
+    try:
+        madvise = _libc_madvise()
+    except (OSError, AttributeError):  # no libc with madvise to call: nothing given back, nothing lost
+        return 0
     advised = 0
     for lo, hi, _ in ranges:
         if madvise(lo, hi - lo, MADV_PAGEOUT) == 0:
