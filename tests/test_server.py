@@ -17,7 +17,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +43,17 @@ class Running:
     def __init__(self, model, **options):
         self.chat = ChatServer(model, ServerOptions(model_id=MODEL_ID, **options))
         config = uvicorn.Config(self.chat.app(), host="127.0.0.1", port=0, log_level="warning")
-        self.uvicorn = uvicorn.Server(config)
+        started = threading.Event()
+
+        class Server(uvicorn.Server):  # says when its sockets listen (uvicorn itself only sets a flag)
+            async def startup(self, sockets=None):
+                await super().startup(sockets)
+                started.set()
+
+        self.uvicorn = Server(config)
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.uvicorn.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.01)
+        assert started.wait(60) and self.uvicorn.started, "the server did not start"
         self.port = self.uvicorn.servers[0].sockets[0].getsockname()[1]
         self.base = f"http://127.0.0.1:{self.port}"
 
@@ -390,17 +393,22 @@ def test_a_full_queue_refuses_with_429_and_every_request_is_answered(served):
     chat.scheduler.submit(blocker)
     assert holding.wait(60)
     results: list = [None] * 50
+    answered, lock, refused_all = [0], threading.Lock(), threading.Event()
 
     def send(i):
         results[i] = request(served.port, "POST", "/v1/chat/completions", chat_body(f"Question {i}?", max_tokens=3))
+        with lock:
+            answered[0] += 1
+            if answered[0] == 42:
+                refused_all.set()
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(50)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 120  # the model is held: exactly 8 wait and 42 are refused, whatever the timing
-    while not (chat.scheduler.depth() == 8 and sum(r is not None for r in results) == 42):
-        assert time.monotonic() < deadline, (chat.scheduler.depth(), sum(r is not None for r in results))
-        time.sleep(0.02)
+    # The model is held, so nothing can be answered but a refusal, and a refusal needs a full queue, which cannot
+    # drain: once 42 answers are in, exactly 8 wait, whatever the timing.
+    assert refused_all.wait(120), sum(r is not None for r in results)
+    assert chat.scheduler.depth() == 8 and sorted(r[0] for r in results if r is not None) == [429] * 42
     gate.set()
     for t in threads:
         t.join(120)
@@ -430,8 +438,15 @@ def test_a_client_that_disconnects_cancels_its_generation(served, reference, mon
         return decode(token)
 
     monkeypatch.setattr(engine, "decode", held_decode)
-    finished = dict(chat.metrics.finished)
     completion_before = chat.metrics.tokens["completion"]
+    counted, count_finished = threading.Event(), chat.metrics.count_finished
+
+    def counting(reason, *args):
+        count_finished(reason, *args)
+        if reason == "cancelled":
+            counted.set()
+
+    monkeypatch.setattr(chat.metrics, "count_finished", counting)
     conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=120)
     conn.request("POST", "/v1/chat/completions", json.dumps(chat_body("Tell me a long story.", 64, stream=True)),
                  {"Content-Type": "application/json"})
@@ -443,10 +458,7 @@ def test_a_client_that_disconnects_cancels_its_generation(served, reference, mon
     conn.close()
     assert job.cancelled.wait(60)  # seen while the model is still inside the held step
     gate.set()
-    deadline = time.monotonic() + 60
-    while chat.metrics.finished["cancelled"] == finished.get("cancelled", 0):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    assert counted.wait(60)  # the job has ended as cancelled
     # stopped at the next token, not at 64: the prompt's token and two decode steps; the held step's logits are
     # never sampled (the stream checks the cancel flag before each token)
     assert chat.metrics.tokens["completion"] - completion_before == 3
