@@ -5,9 +5,11 @@
   prefill     a text prompt of `prefill_tokens` filler tokens into an empty cache, in chunks of `chunk_size`
   ttft        one 640x480 image + a short question, request start -> first token (greedy), cache not reused
   decode      at each context length C: the cache holds C tokens (filler), then `decode_warmup` untimed and
-              `decode_steps` timed single-token steps, greedy; repeated `decode_repeats` times from the same C
-              (the cache is rewound). Where C + warmup + steps would overrun the cache, C is lowered so that the
-              last step fills it (the 4k point of a 4096-token model starts at 4096 - warmup - steps).
+              `decode_steps` timed single-token steps, greedy; `decode_repeats` rounds, each over every C from the
+              longest down (the cache is rewound between contexts and filled again between rounds), so a drift of
+              the machine's speed falls on all contexts alike (the runtime; the reference repeats each C in a row).
+              Where C + warmup + steps would overrun the cache, C is lowered so that the last step fills it (the 4k
+              point of a 4096-token model starts at 4096 - warmup - steps).
 
 Every figure is the median over repeats with its spread (bench/stats.py); one untimed warm-up precedes each kind
 of measurement. `full()` is the headline run, `quick()` a run of a few minutes (used with a truncated model),

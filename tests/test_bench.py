@@ -449,3 +449,44 @@ def test_table_and_plots_from_a_hand_made_document(tmp_path):
     table = (tmp_path / "bench.txt").read_text()
     assert "decode @4096 tokens/s (ms/token)" in table and "11.11 (90.0)" in table and "2.30 GB" in table
     assert "[FAIL]" in table or "[PASS]" in table
+
+
+def test_decode_is_measured_in_rounds_over_every_context_from_the_longest_down():
+    """A drift of the machine's speed must fall on every context alike: each round measures all of them, longest
+    first (the cache only rewinds), and fills the cache again before the next round."""
+    from types import SimpleNamespace
+
+    from vl2edge.bench.runtime_bench import bench_decode
+    from vl2edge.runtime.engine import StepTimings
+
+    class Recorder:  # an engine that records the cache length at every decode step and what was prefilled
+        max_len, length, log = 128, 0, []
+        timings = StepTimings()
+
+        def reset(self):
+            self.length = 0
+
+        def truncate(self, n):
+            assert n <= self.length
+            self.length = n
+
+        def embed(self, ids):
+            return np.zeros((len(ids), 4), np.float32)
+
+        def prefill(self, x, chunk):
+            self.log.append(("prefill", self.length, self.length + len(x)))
+            self.length += len(x)
+
+        def decode(self, tok):
+            self.log.append(("decode", self.length))
+            self.length += 1
+            return np.zeros(8, np.float32)
+
+    eng = Recorder()
+    model = SimpleNamespace(engine=eng, processor=SimpleNamespace(encode=lambda text: list(range(1, 9))))
+    w = Workload.tiny().with_(contexts=(32, 96, 64), decode_warmup=1, decode_steps=2, decode_repeats=2)
+    rows = bench_decode(model, w, progress=False, label="t")
+    starts = [e[1] for e in eng.log if e[0] == "decode"][::3]  # the first step of each block of 3
+    assert starts == [96, 64, 32, 96, 64, 32]
+    assert [e for e in eng.log if e[0] == "prefill"] == [("prefill", 0, 96), ("prefill", 35, 96)]
+    assert [r["context"] for r in rows] == [32, 64, 96] and all(r["step_s"]["n"] == 2 * 2 for r in rows)
