@@ -135,7 +135,8 @@ def _probe_child(artifact: str, variant: str, threads: int | None, vision: bool,
     malloc_trim()
     steps["end_trimmed"] = rss()
     return {"variant": variant, "entries": entries, "attrs": {k: str(val) for k, val in attrs.items()},
-            "engine": {k: v[k] for k in ("vision_batch", "transient_vision", "prefill_chunk") if k in v},
+            "engine": {k: v[k] for k in ("vision_batch", "transient_vision", "vision_alone", "prefill_chunk")
+                       if k in v},
             "context": context,
             "timings": timings, "cache_mb": _mb(eng.cache_nbytes()),
             "rss_mb": {k: {f: _mb(val) for f, val in r.items()} for k, r in steps.items()}}

@@ -104,16 +104,12 @@ def precision_plan(experts: str, block_size: int, target: str, dense: str | None
     with quantized experts only."""
     if experts not in EXPERT_CHOICES:
         raise ExportError(f"--experts {experts!r}: choose one of {EXPERT_CHOICES}")
-    if dense is not None and dense not in DENSE_CHOICES:
-        raise ExportError(f"--dense {dense!r}: choose one of {DENSE_CHOICES}")
-    if dense is not None and (target != "cpu" or experts not in ("int4", "int8")):
-        raise ExportError(f"--dense applies to --target cpu with int4/int8 experts, not {experts} experts on "
-                          f"{target}")
-    if head is not None and head not in DENSE_CHOICES:
-        raise ExportError(f"--head {head!r}: choose one of {DENSE_CHOICES}")
-    if head is not None and (target != "cpu" or experts not in ("int4", "int8")):
-        raise ExportError(f"--head applies to --target cpu with int4/int8 experts, not {experts} experts on "
-                          f"{target}")
+    for flag, bits in (("--dense", dense), ("--head", head)):
+        if bits is not None and bits not in DENSE_CHOICES:
+            raise ExportError(f"{flag} {bits!r}: choose one of {DENSE_CHOICES}")
+        if bits is not None and (target != "cpu" or experts not in ("int4", "int8")):
+            raise ExportError(f"{flag} applies to --target cpu with int4/int8 experts, not {experts} experts on "
+                              f"{target}")
     if block_size not in BLOCK_SIZES:
         raise ExportError(f"--block-size {block_size}: choose 32, 64 or 128")
     if target == "cpu":
