@@ -337,8 +337,8 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads")
     p.add_argument("--verify", default="sha256", choices=["sha256", "size"],
                    help="check the artifact's files by sha256 (default) or size only (fast start)")
-    p.add_argument("--chunk-size", type=int, default=None, help="prefill chunk in tokens (default 512; 256 with "
-                                                                "--low-memory)")
+    p.add_argument("--chunk-size", type=int, default=None, help="prefill chunk in tokens (default 512; with "
+                                                                "--low-memory 256 on Tiny, 128 on Small)")
     p.add_argument("--transient-vision", action="store_true",
                    help="load the vision graph per image and release it after: less memory, slower images")
     p.add_argument("--low-memory", action="store_true",
@@ -473,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--transient-vision", action="store_true",
                    help="the runtime loads the vision graph per image and releases it after (less memory)")
     b.add_argument("--low-memory", action="store_true",
-                   help="the runtime in its low-memory mode (vl2edge.load(low_memory=True); 256-token chunks)")
+                   help="the runtime in its low-memory mode (vl2edge.load(low_memory=True); 256-token chunks "
+                        "on Tiny, 128 on Small)")
     b.add_argument("--bandwidth-mb", type=int, default=1024, help="array size of the bandwidth probe (0: skip)")
     b.add_argument("--cache-dir", default=None, help="where presets and exports are cached (default "
                                                      "$VL2EDGE_CACHE/bench or ~/.cache/vl2edge/bench)")

@@ -76,7 +76,8 @@ VARIANTS: dict[str, dict] = {
     "vision_batch4": {"vision_batch": 4},
     "transient_vision": {"transient_vision": True},
     "no_prepack+transient_vision": {"entries": {"session.disable_prepacking": "1"}, "transient_vision": True},
-    "low_memory": {"transient_vision": True, "vision_alone": True, "prefill_chunk": 256},  # load(low_memory=True)
+    # load(low_memory=True); prefill_chunk None: the model's low-memory chunk (runtime.api.low_memory_chunk_size)
+    "low_memory": {"transient_vision": True, "vision_alone": True, "prefill_chunk": None},
 }
 
 
@@ -89,6 +90,7 @@ def _probe_child(artifact: str, variant: str, threads: int | None, vision: bool,
     """Runs in the fresh subprocess."""
     import numpy as np
 
+    from ..runtime.api import low_memory_chunk_size
     from ..runtime.engine import Engine
     from ..runtime.processor import Processor
     from .workload import filler_ids, synthetic_image
@@ -99,10 +101,11 @@ def _probe_child(artifact: str, variant: str, threads: int | None, vision: bool,
     class ProbeEngine(Engine):
         def _session(self, file):
             if not getattr(self, "_probe_applied", False):
-                for k, val in entries.items():
-                    self._opts.add_session_config_entry(k, val)
-                for k, val in attrs.items():
-                    setattr(self._opts, k, val)
+                for opts in {id(o): o for o in (self._opts, self._vision_opts)}.values():
+                    for k, val in entries.items():
+                        opts.add_session_config_entry(k, val)
+                    for k, val in attrs.items():
+                        setattr(opts, k, val)
                 self._probe_applied = True
             return super()._session(file)
 
@@ -124,7 +127,10 @@ def _probe_child(artifact: str, variant: str, threads: int | None, vision: bool,
         steps["after_vision"] = rss()
     ids = filler_ids(proc.encode, context)
     t0 = time.perf_counter()
-    logits = eng.prefill(eng.embed(ids), v.get("prefill_chunk", 512))
+    chunk = v.get("prefill_chunk", 512)
+    if chunk is None:
+        chunk = low_memory_chunk_size(eng.config.language.num_attention_heads, eng.max_len)
+    logits = eng.prefill(eng.embed(ids), chunk)
     timings["prefill_s"] = round(time.perf_counter() - t0, 2)
     steps["after_prefill"] = rss()
     t0 = time.perf_counter()
@@ -135,8 +141,8 @@ def _probe_child(artifact: str, variant: str, threads: int | None, vision: bool,
     malloc_trim()
     steps["end_trimmed"] = rss()
     return {"variant": variant, "entries": entries, "attrs": {k: str(val) for k, val in attrs.items()},
-            "engine": {k: v[k] for k in ("vision_batch", "transient_vision", "vision_alone", "prefill_chunk")
-                       if k in v},
+            "engine": {k: v[k] for k in ("vision_batch", "transient_vision", "vision_alone") if k in v}
+            | {"prefill_chunk": chunk},
             "context": context,
             "timings": timings, "cache_mb": _mb(eng.cache_nbytes()),
             "rss_mb": {k: {f: _mb(val) for f, val in r.items()} for k, r in steps.items()}}

@@ -57,8 +57,9 @@ def profile_decode(artifact: str, context: int = 512, steps: int = 16, threads: 
 
     class ProfilingEngine(Engine):
         def _session(self, file):
-            self._opts.enable_profiling = True
-            self._opts.profile_file_prefix = str(tmp / Path(file).stem)
+            for opts in (self._opts, self._vision_opts):
+                opts.enable_profiling = True
+                opts.profile_file_prefix = str(tmp / Path(file).stem)
             sess = super()._session(file)
             files[id(sess)] = file
             return sess

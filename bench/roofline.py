@@ -8,7 +8,8 @@ the caches) plus the KV cache up to the current context. So, at context C:
     fraction   = measured rate / best rate
 
 Active weights per token, at their STORED size (quantized codes + block scales; no zero points: symmetric):
-  per layer     attention projections (MHA: fused qkv + o; MLA: q (or q_a + q_b), kv_a, W_UK/W_UV at io dtype, o),
+  per layer     attention projections (MHA: fused qkv + o; MLA: q (or q_a + q_b), kv_a, W_UK/W_UV at io dtype or
+                int8 (manifest quantization.mla_absorbed), o),
                 the router (fp32 [E, H]) on MoE layers, and the norms;
   dense layers  the gated MLP (gate, up, down);
   MoE layers    top-k routed experts (k x gate/up/down at the experts' precision) + the shared experts;
@@ -76,9 +77,10 @@ def active_weight_bytes(cfg, plan: dict, io_bytes: int = 4, routed: int | None =
     for i in range(L.num_hidden_layers):
         parts["attention"] += sum(lin(n, k) for n, k in attention_shapes(L))
         parts["norms"] += 2 * H * io_bytes
-        if L.use_mla:
-            parts["attention"] += L.num_attention_heads * (L.qk_nope_head_dim + L.v_head_dim) * L.kv_lora_rank \
-                * io_bytes
+        if L.use_mla:  # W_UK, W_UV: io dtype, or int8 codes + an fp32 scale per head and output column
+            nh, r, nope, v = L.num_attention_heads, L.kv_lora_rank, L.qk_nope_head_dim, L.v_head_dim
+            int8 = plan.get("mla_absorbed", {}).get("kind") == "int8"
+            parts["attention"] += nh * (nope + v) * r * (1 if int8 else io_bytes) + (nh * (r + v) * 4 if int8 else 0)
             parts["norms"] += L.kv_lora_rank * io_bytes + (L.q_lora_rank or 0) * io_bytes
         if L.is_moe_layer(i):
             I = L.moe_intermediate_size

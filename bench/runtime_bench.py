@@ -171,7 +171,8 @@ def bench_runtime(artifact: str | Path, threads: int | None, provider: str | Non
                   progress: bool = True, transient_vision: bool = False, low_memory: bool = False) -> dict:
     """The whole workload on one artifact. Returns the "runtime" record of the report schema (bench/report.py).
     transient_vision: the engine loads the vision graph per image and releases it after (runtime/engine.py);
-    low_memory: `load(low_memory=True)`, and the workload's prefill chunks are the model's (256)."""
+    low_memory: `load(low_memory=True)`, and the workload's prefill chunks are the model's (256 on Tiny, 128 on
+    Small)."""
     from ..runtime.api import load
 
     t_start = time.perf_counter()

@@ -48,7 +48,8 @@ MLA (Small, VL2), absorbed form as a multi-query attention with head size kv_lor
   the reference's score, scaled by 1/sqrt(qk_nope + qk_rope) (1/sqrt(192); the 576 head size would give the wrong
   default). Output per head = probs @ [c_kv | k_pe]; its first kv_lora_rank channels are the attended latents, the
   rest is discarded; then @ W_UV^T per head -> o_proj. W_UK / W_UV are the two row blocks of kv_b_proj viewed
-  [heads, nope + v, kv_lora_rank], kept at io dtype as batched MatMul initializers (not quantized).
+  [heads, nope + v, kv_lora_rank], batched MatMul initializers at io dtype, or int8 per head and column in an fp32
+  graph whose linears are quantized (export/mla_absorb.py).
   RoPE runs OUTSIDE GQA (do_rotary=0, com.microsoft RotaryEmbedding on q_pe and k_pe): GQA would rotate K but not
   V, and here K and V are one buffer. The checkpoint's interleaved-pair convention (pairs (x_2i, x_2i+1) rotated
   by frequency i) is realised like the reference: the rows of q_proj's rope part (per head) and of
@@ -196,9 +197,11 @@ def _mha(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids, seqle
 
 
 def _mla_query_and_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids):
-    """The absorbed query [T, nh, r + rope] and the new cache rows [1, T, r + rope] of an MLA layer, plus W_UV
-    (both MLA forms share this; see the module docstring)."""
+    """An MLA layer's query parts q_nope [T, nh, nope] and rotated q_pe [T, nh, rope], its new cache rows
+    (c_kv normed, k_pe rotated; [1, T, r] and [1, T, rope]) and its absorbed weights W_UK, W_UV^T
+    (export/mla_absorb.py: int8 when the attention linears are quantized in an fp32 graph, else io dtype)."""
     from .linear import emit_linear
+    from .mla_absorb import absorbed_weights, quantized_form
     from .onnx_builder import MS_DOMAIN
     if L.q_lora_rank is not None:
         raise NotImplementedError("q_lora_rank is set: no DeepSeek-VL2 checkpoint compresses q (all set it null)")
@@ -222,46 +225,51 @@ def _mla_query_and_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, po
                          axis=2)
     q_nope, q_pe = g.op("Split", [g.op("Reshape", [q, g.const("q_shape", i64(0, 0, nh, qhd))]), g.const(
         "q_split", i64(nope, rope))], n_out=2, hint="q_split", axis=3)
+    q_nope = g.op("Reshape", [q_nope, g.const("qn_shape", i64(-1, nh, nope))])  # [T, nh, nope]
 
-    # absorbed query: q_nope @ W_UK per head -> [T, nh, r]
     w_kvb = np.asarray(get(a + "kv_b_proj.weight"), np.float32).reshape(nh, nope + v, r)
-    w_uk, w_uv = w_kvb[:, :nope], w_kvb[:, nope:]  # [nh, nope, r], [nh, v, r]
-    qn = g.op("Transpose", [g.op("Reshape", [q_nope, g.const("qn_shape", i64(-1, nh, nope))])], perm=[1, 0, 2])
-    q_lat = g.op("MatMul", [qn, g.const(a + "w_uk", w_uk.astype(io_dtype))], hint="q_absorb")  # [nh, T, r]
-    q_lat = g.op("Transpose", [q_lat], perm=[1, 0, 2])  # [T, nh, r]
+    w_uk, w_uv_t = absorbed_weights(g, pfx, w_kvb, nope, quantized_form(prec, io_dtype), io_dtype, report)
 
     cos, sin = rope_tables(rope, L.rope_theta, max_len)
     cos_c, sin_c = g.const("rope_cos", cos.astype(io_dtype)), g.const("rope_sin", sin.astype(io_dtype))
     q_pe = g.op("Reshape", [q_pe, g.const("qpe_shape", i64(1, -1, nh * rope))])
     q_pe = g.op("RotaryEmbedding", [q_pe, position_ids, cos_c, sin_c], domain=MS_DOMAIN, hint="q_rope",
                 interleaved=0)
-    q_pe = g.op("Reshape", [q_pe, g.const("qpe_heads", i64(-1, nh, rope))])
-    q_full = g.op("Concat", [q_lat, q_pe], axis=2)  # [T, nh, r + rope], matching the cache's [c_kv | k_pe]
+    q_pe = g.op("Reshape", [q_pe, g.const("qpe_heads", i64(-1, nh, rope))])  # [T, nh, rope]
 
     # the new cache rows: [RMSNorm(c_kv) | RoPE(k_pe)]
     c_kv = g.rms_norm(c_kv, get(a + "kv_a_layernorm.weight"), KV_A_NORM_EPS, io_dtype, hint=a + "kv_a_layernorm")
     k_pe = g.op("RotaryEmbedding", [k_pe, position_ids, cos_c, sin_c], domain=MS_DOMAIN, hint="k_rope",
                 interleaved=0)
-    return q_full, (c_kv, k_pe), w_uv
+    return (q_nope, q_pe), (c_kv, k_pe), (w_uk, w_uv_t)
 
 
-def _attended_latents_to_heads(g, L, pfx, ctx, w_uv, io_dtype):
-    """ctx [T * nh, r] (row t * nh + h: head h's attended latents at token t) @ W_UV^T per head -> [1, T, nh * v]."""
+def _absorbed_query(b, L, q_nope, q_pe, w_uk, decoding):
+    """[q_nope @ W_UK | q_pe] per head, in builder b: [T, nh, r + rope], matching the cache's [c_kv | k_pe]."""
+    from .mla_absorb import absorb
+    q_lat = absorb(b, b.op("Transpose", [q_nope], perm=[1, 0, 2]), w_uk, decoding, hint="q_absorb")  # [nh, T, r]
+    return b.op("Concat", [b.op("Transpose", [q_lat], perm=[1, 0, 2]), q_pe], axis=2)
+
+
+def _attended_latents_to_heads(b, L, ctx, w_uv_t, decoding):
+    """ctx [T * nh, r] (row t * nh + h: head h's attended latents at token t) @ W_UV^T per head -> [1, T, nh * v],
+    in builder b."""
+    from .mla_absorb import absorb
     nh, r = L.num_attention_heads, L.kv_lora_rank
     i64 = lambda *xs: np.array(xs, np.int64)  # noqa: E731
-    ctx = g.op("Transpose", [g.op("Reshape", [ctx, g.const("ctx_heads", i64(-1, nh, r))])], perm=[1, 0, 2])
-    o = g.op("MatMul", [ctx, g.const(pfx + "self_attn.w_uv_t", np.ascontiguousarray(w_uv.transpose(0, 2, 1))
-                                     .astype(io_dtype))], hint="v_absorb")  # [nh, T, v]
-    o = g.op("Transpose", [o], perm=[1, 0, 2])
-    return g.op("Reshape", [o, g.const("attn_shape", i64(1, -1, nh * L.v_head_dim))])
+    ctx = b.op("Transpose", [b.op("Reshape", [ctx, b.const("ctx_heads", i64(-1, nh, r))])], perm=[1, 0, 2])
+    o = absorb(b, ctx, w_uv_t, decoding, hint="v_absorb")  # [nh, T, v]
+    o = b.op("Transpose", [o], perm=[1, 0, 2])
+    return b.op("Reshape", [o, b.const("attn_shape", i64(1, -1, nh * L.v_head_dim))])
 
 
 def _mla_gqa(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids, seqlens_k, total):
     from .onnx_builder import MS_DOMAIN
     nh, r, width = L.num_attention_heads, L.kv_lora_rank, L.kv_lora_rank + L.qk_rope_head_dim
     i64 = lambda *xs: np.array(xs, np.int64)  # noqa: E731
-    q_full, (c_kv, k_pe), w_uv = _mla_query_and_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x,
-                                                       position_ids)
+    (q_nope, q_pe), (c_kv, k_pe), (w_uk, w_uv_t) = _mla_query_and_latent(g, L, pfx, get, prec, io_dtype, max_len,
+                                                                         report, x, position_ids)
+    q_full = _absorbed_query(g, L, q_nope, q_pe, w_uk, decoding=False)
     q_full = g.op("Reshape", [q_full, g.const("q_full_shape", i64(1, -1, nh * width))])
     latent = g.op("Concat", [c_kv, k_pe], axis=2, hint="latent_new")  # [1, T, r + rope]
     cache_shape = [1, 1, max_len, width]
@@ -272,13 +280,15 @@ def _mla_gqa(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids, s
     # attended latents = the first r channels of each head's output
     ctx = g.op("Reshape", [out[0], g.const("ctx_shape", i64(-1, width))])
     ctx = g.op("Slice", [ctx, g.const("ctx_start", i64(0)), g.const("ctx_end", i64(r)), g.const("ctx_axis", i64(1))])
-    return _attended_latents_to_heads(g, L, pfx, ctx, w_uv, io_dtype), out[1:], cache_shape
+    return _attended_latents_to_heads(g, L, ctx, w_uv_t, decoding=False), out[1:], cache_shape
 
 
 def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids, seqlens_k, total):
     """MLA over the latent cache that the graph reads but never writes: `past_latent` is the cache's valid prefix
     [P, width] (bound read-only over the buffer's first P rows) and `latent_new` [T, width] is bound over the next T
-    rows, so the new rows land in the buffer with no copy. An If on T picks the attention:
+    rows, so the new rows land in the buffer with no copy. An If on T picks the attention, and with it the form of
+    the absorbed products (export/mla_absorb.py: int8 weights meet uint8 activations when decoding, are dequantized
+    for a chunk):
 
     decode (T = 1): plain GEMMs, all heads' queries as one [nh, width] matrix against the prefix, so the step reads
       the cache once per product (twice in all) where GQA with one KV head reads it once per query head (measured at
@@ -292,8 +302,8 @@ def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids
     from .onnx_builder import MS_DOMAIN
     nh, r, width = L.num_attention_heads, L.kv_lora_rank, L.kv_lora_rank + L.qk_rope_head_dim
     i64 = lambda *xs: np.array(xs, np.int64)  # noqa: E731
-    q_full, (c_kv, k_pe), w_uv = _mla_query_and_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x,
-                                                       position_ids)
+    (q_nope, q_pe), (c_kv, k_pe), (w_uk, w_uv_t) = _mla_query_and_latent(g, L, pfx, get, prec, io_dtype, max_len,
+                                                                         report, x, position_ids)
     latent = g.op("Concat", [c_kv, k_pe], axis=2, hint="latent_cat")  # [1, T, width]
     new = g.op("Reshape", [latent, g.const("latent_rows", i64(-1, width))], out_names=["latent_new"])  # [T, width]
     past = g.input("past_latent", io_dtype, ["P", width])
@@ -303,7 +313,8 @@ def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids
 
     # decode: T = 1, so the query rows are the nh heads and nothing needs a causal mask
     d = g.branch("decode")
-    q = d.op("Reshape", [q_full, d.const("q_rows", i64(nh, width))], hint="q_rows")  # [nh, width]
+    q = d.op("Reshape", [_absorbed_query(d, L, q_nope, q_pe, w_uk, decoding=True), d.const("q_rows", i64(nh, width))],
+             hint="q_rows")  # [nh, width]
     # The cache is the product's A, streamed row by row as it lies, and the small [nh, width] queries its B: MLAS
     # packs B before multiplying, and packing the [P, width] cache instead (as B of q @ past^T) made this product
     # 1.5x slower at 4000 cached tokens (0.62 vs 0.41 ms, real Small dims, 2 threads). The [P, nh] result is
@@ -322,20 +333,23 @@ def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids
     ctx = d.op("Add", [d.op("MatMul", [p_past, past], hint="ctx_past"), d.op("Mul", [p_new, new], hint="ctx_new")])
     ctx = d.op("Div", [d.op("Slice", [ctx, d.const("ctx_start", i64(0)), d.const("ctx_end", i64(r)),
                                       d.const("ctx_axis", i64(1))]), den])  # [nh, r]
-    d.output(ctx, "ctx_decode", io_dtype, [nh, r])
+    d.output(_attended_latents_to_heads(d, L, ctx, w_uv_t, decoding=True), "attn_decode", io_dtype,
+             [1, 1, nh * L.v_head_dim])
 
     # prefill chunk: GQA, one KV head of width 576, reading [past | chunk] (RoPE already applied outside)
     p = g.branch("prefill")
+    q_full = p.op("Reshape", [_absorbed_query(p, L, q_nope, q_pe, w_uk, decoding=False),
+                              p.const("q_packed", i64(1, -1, nh * width))])
     past4 = p.op("Reshape", [past, p.const("past_4d", i64(1, 1, -1, width))])
-    attn = p.op("GroupQueryAttention", [p.op("Reshape", [q_full, p.const("q_packed", i64(1, -1, nh * width))]),
-                                        latent, latent, past4, past4, seqlens_k, total], n_out=3, domain=MS_DOMAIN,
-                hint="gqa", num_heads=nh, kv_num_heads=1, scale=scale, do_rotary=0)[0]
+    attn = p.op("GroupQueryAttention", [q_full, latent, latent, past4, past4, seqlens_k, total], n_out=3,
+                domain=MS_DOMAIN, hint="gqa", num_heads=nh, kv_num_heads=1, scale=scale, do_rotary=0)[0]
     ctx = p.op("Slice", [p.op("Reshape", [attn, p.const("ctx_rows", i64(-1, width))]), p.const("ctx_start_p", i64(0)),
                          p.const("ctx_end_p", i64(r)), p.const("ctx_axis_p", i64(1))])  # [T * nh, r]
-    p.output(ctx, "ctx_prefill", io_dtype, ["TH", r])
+    p.output(_attended_latents_to_heads(p, L, ctx, w_uv_t, decoding=False), "attn_prefill", io_dtype,
+             [1, "T", nh * L.v_head_dim])
 
-    ctx = g.op("If", [decoding], hint="attention", then_branch=d.graph_proto(), else_branch=p.graph_proto())
-    return _attended_latents_to_heads(g, L, pfx, ctx, w_uv, io_dtype), ["latent_new"], ["T", width]
+    attn = g.op("If", [decoding], hint="attention", then_branch=d.graph_proto(), else_branch=p.graph_proto())
+    return attn, ["latent_new"], ["T", width]
 
 
 # --- cache buffers and running one step ----------------------------------------------------------------------

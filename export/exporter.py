@@ -59,7 +59,7 @@ from .embedding import KEY as EMBED_KEY
 from .embedding import build_embedding_graph
 from .head import build_head_graph
 from .kv_calibration import HEADROOM, KVCalibration
-from . import vision_calibration
+from . import mla_absorb, vision_calibration
 from .linear import DYNAMIC, Precision
 from .manifest import FORMAT_VERSION, file_sha256, graph_entry, write_manifest
 from .mlp import build_mlp_graph
@@ -262,7 +262,9 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
             "io_dtype": np.dtype(io_dtype).name,
             "quantization": {k: p.describe() for k, p in plan.items()}
             | {"kv_cache": {"kind": kv_cache, "asked": kv_asked}, "routing": {"form": routing_form}}
-            | ({"vision_dynamic": calibration} if calibration else {}),
+            | ({"vision_dynamic": calibration} if calibration else {})
+            | ({"mla_absorbed": mla_absorb.INT8_DESCRIPTION} if L.use_mla and mla_absorb.quantized_form(
+                plan.get("attention", plan["linear"]), io_dtype) else {}),
             "attention": {"kind": attention_kind(cfg, io_dtype), "max_len": max_len,
                           "cache": {"dtype": cache_dtype.name,
                                     "buffers_per_layer": [list(s) for s in cache_shapes(cfg, max_len)]}

@@ -9,7 +9,8 @@ Top-level keys:
   source                   {"checkpoint": path, "config": the checkpoint's config.json}
   target, io_dtype         "cpu" / "float32" or "cuda" / "float16"
   quantization             per weight group (experts, linear, vision, embedding, lm_head): kind, block_size, ...;
-                           kv_cache: {kind: "int8" | "float", asked: the --kv-cache option}
+                           kv_cache: {kind: "int8" | "float", asked: the --kv-cache option}; mla_absorbed (MLA
+                           fp32 artifacts with quantized attention): W_UK / W_UV int8 (export/mla_absorb.py)
   attention                kind ("mha_gqa" | "mla_latent_matmul" (fp32) | "mla_absorbed_gqa" (fp16)), max_len, cache
                            (per-layer buffers, their dtype: the io dtype, or int8 with its calibration), bytes/token
   graphs                   vision, embedding, head: {file, inputs, outputs}; layers: [{attention, mlp, moe}]

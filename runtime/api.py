@@ -41,9 +41,21 @@ from .sampling import SamplingParams
 
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_CHUNK_SIZE = 512
-# low_memory: the prefill chunk. A chunk's attention probabilities are heads x chunk x context floats (84 MB for
-# Tiny at 512 x 4k), held in the arena at the peak; 256 halves them.
+# low_memory: the prefill chunk. A chunk's attention probabilities, heads x chunk x context floats, are its largest
+# activation and sit in the arena at the peak (84 MB for Tiny at 512 x 4k). The chunk is the largest power of two up
+# to LOW_MEMORY_CHUNK_SIZE that keeps them within LOW_MEMORY_ATTENTION_BYTES at the artifact's max_len: 256 for Tiny
+# (10 heads), 128 for Small (16 heads; one image + 3,977 tokens, `vl2edge run --low-memory`: peak 9.48 GB against
+# 9.65 at 256, prefill 34 vs 36 tok/s).
 LOW_MEMORY_CHUNK_SIZE = 256
+LOW_MEMORY_ATTENTION_BYTES = 40 << 20
+
+
+def low_memory_chunk_size(num_heads: int, max_len: int) -> int:
+    """The low-memory prefill chunk of a model with `num_heads` query heads and a `max_len` cache (see above)."""
+    chunk = LOW_MEMORY_CHUNK_SIZE
+    while chunk > 16 and num_heads * chunk * max_len * 4 > LOW_MEMORY_ATTENTION_BYTES:
+        chunk //= 2
+    return chunk
 
 
 def load(path: str | Path, provider: str | None = None, threads: int | None = None, max_tiles: int | None = None,
@@ -58,10 +70,10 @@ def load(path: str | Path, provider: str | None = None, threads: int | None = No
     images, its load time added to every image's vision time); official_pixels: open images as the official
     pipeline does (no EXIF rotation, alpha dropped instead of composited over white; runtime.images);
     low_memory: transient_vision, the language model loaded after the first images and released while later images
-    are encoded (Engine vision_alone), so vision and language are never resident together, and prefill chunks of
-    256 tokens by default: the lowest peak RSS (real-dims Tiny INT4, one 640x480 image + 3.9k tokens: README), at
-    the price of a slower prefill, a vision load per image and a language-model load after each image that comes
-    once the conversation has started.
+    are encoded (Engine vision_alone), so vision and language are never resident together, and smaller prefill
+    chunks by default (low_memory_chunk_size: 256 tokens on Tiny, 128 on Small): the lowest peak RSS (real-dims
+    Tiny INT4, one 640x480 image + 3.9k tokens: README), at the price of a slower prefill, a vision load per image
+    and a language-model load after each image that comes once the conversation has started.
     Raises ArtifactError (a ValueError) for a missing, corrupt or mismatched artifact, ValueError for a bad option.
     """
     if verify not in ("sha256", "size"):
@@ -83,7 +95,9 @@ def load(path: str | Path, provider: str | None = None, threads: int | None = No
     proc = Processor.from_dir(art.dir, max_tiles=max_tiles, **(OFFICIAL_PIXELS if official_pixels else {}))
     if proc.max_length is None or proc.max_length > engine.max_len:
         proc.max_length = engine.max_len
-    return Model(engine, proc, chunk_size=LOW_MEMORY_CHUNK_SIZE if low_memory else DEFAULT_CHUNK_SIZE)
+    chunk = low_memory_chunk_size(engine.config.language.num_attention_heads, engine.max_len) if low_memory \
+        else DEFAULT_CHUNK_SIZE
+    return Model(engine, proc, chunk_size=chunk)
 
 
 def with_image_tags(content: str, n_images: int) -> str:
@@ -182,7 +196,7 @@ class Model:
 
         options: max_new_tokens (256), temperature (0 = greedy), top_p (1), top_k (0), repetition_penalty (1),
         seed, stop (a string or strings; not included in the text), chunk_size (prefill chunk; None = the
-        model's, 512 or 256 with low_memory),
+        model's, 512, or low_memory_chunk_size with low_memory),
         reuse_cache (True).
         """
         s = self.stream(messages, images, **options)

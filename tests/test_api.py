@@ -148,6 +148,22 @@ def test_bad_artifacts_and_options_are_refused(artifact, test_checkpoints, tmp_p
         vl2edge.load(artifact, max_tiles=0)
 
 
+def test_low_memory_chunk_bounds_the_attention_probabilities():
+    """heads x chunk x max_len floats within 40 MiB, the largest power of two up to 256: the real presets' chunks."""
+    from vl2edge.model.config import VL2Config
+    from vl2edge.model.presets import preset_config
+    from vl2edge.runtime.api import LOW_MEMORY_ATTENTION_BYTES, low_memory_chunk_size
+
+    chunks = {p: low_memory_chunk_size(VL2Config.from_dict(preset_config(p)).language.num_attention_heads, 4096)
+              for p in ("tiny", "small", "vl2")}
+    assert chunks == {"tiny": 256, "small": 128, "vl2": 64}  # 10, 16 and 32 heads
+    assert low_memory_chunk_size(4, 256) == 256 and low_memory_chunk_size(16, 8192) == 64
+    for heads, max_len in ((10, 4096), (16, 4096), (16, 8192), (128, 1 << 20)):
+        c = low_memory_chunk_size(heads, max_len)
+        assert c == 16 or heads * c * max_len * 4 <= LOW_MEMORY_ATTENTION_BYTES < heads * 2 * c * max_len * 4 \
+            or c == 256
+
+
 def test_low_memory_gives_the_same_answer(artifact, model, photo):
     lean = vl2edge.load(artifact, threads=1, low_memory=True, verify="size")
     assert lean.chunk_size == 256 and lean.engine.transient_vision and lean.engine.vision_alone

@@ -182,9 +182,27 @@ def test_engines_share_one_cpu_arena(artifacts, test_checkpoints):
     for _ in range(2):
         eng = Engine(artifacts["test-tiny", "int4"])
         assert eng._opts.get_session_config_entry("session.use_env_allocators") == "1"
+        assert eng._vision_opts is eng._opts  # a resident vision session shares it too
         logits.append(eng.prefill(eng.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask,
                                             inp.images_spatial_crop)))
     np.testing.assert_array_equal(logits[0], logits[1])
+
+
+def test_transient_vision_has_its_own_arena(artifacts, test_checkpoints):
+    """A transient vision session allocates from its own arena, freed with it, while the language model's sessions
+    keep the shared one; the results are those of a resident engine."""
+    inp = prompt(test_checkpoints, "test-tiny")
+    args = (inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop)
+    def shared(opts) -> bool:
+        try:
+            return opts.get_session_config_entry("session.use_env_allocators") == "1"
+        except RuntimeError:  # no such entry
+            return False
+
+    transient = Engine(artifacts["test-tiny", "int4"], transient_vision=True)
+    assert not shared(transient._vision_opts) and shared(transient._opts)
+    resident = Engine(artifacts["test-tiny", "int4"])
+    np.testing.assert_array_equal(transient.prefill(transient.embed(*args)), resident.prefill(resident.embed(*args)))
 
 
 def test_dense_int4_quantizes_the_other_linears_and_still_tracks_the_reference(test_checkpoints, artifacts,

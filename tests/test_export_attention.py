@@ -155,7 +155,9 @@ def test_graph_structure(loaded):
     break the aliasing). MLA (fp32, CPU): an If on the chunk length; decoding, the valid cache prefix feeds exactly
     two MatMuls (scores, the cache as A read as its rows lie; context, the cache as B), so a step reads the cache
     twice in all and never copies it; the new rows are the graph output `latent_new`. MLA fp16 (CUDA): one cache input feeding
-    past_key and past_value of GQA. RoPE outside the attention, W_UK/W_UV unquantized in both MLA forms."""
+    past_key and past_value of GQA. RoPE outside the attention. W_UK/W_UV: fp16 in the fp16 form; int8 codes with
+    [nh, 1, N] scales in the fp32 form with quantized linears, multiplied on MatMulInteger with uint8 activations
+    when decoding and dequantized (no activation quantization) for a prefill chunk."""
     cases = [("test-tiny", np.float32), ("test-small", np.float32), ("test-small", np.float16)]
     for preset, io in cases:
         cfg, get, _ = loaded(preset)
@@ -170,8 +172,15 @@ def test_graph_structure(loaded):
         if cfg.language.use_mla:
             assert ops.count("RotaryEmbedding") == 2
             assert ops.count("MatMulNBits") == (2 if io == np.float32 else 0)  # [q | kv_a] fused, o
-            w = [t for n, t in inits.items() if n.endswith(("w_uk", "w_uv_t"))]
-            assert len(w) == 2 and all(t.data_type == (1 if io == np.float32 else 10) for t in w)  # io dtype
+            if io == np.float16:
+                w = [t for n, t in inits.items() if n.endswith(("w_uk", "w_uv_t"))]
+                assert len(w) == 2 and all(t.data_type == 10 for t in w)  # io dtype
+            else:
+                codes = {n: t for n, t in inits.items() if n.endswith((".w_uk.int8", ".w_uv_t.int8"))}
+                assert len(codes) == 2 and all(t.data_type == 3 for t in codes.values())  # int8
+                scales = {n: t for n, t in inits.items() if n.endswith((".w_uk.scales", ".w_uv_t.scales"))}
+                assert sorted(list(t.dims) for t in scales.values()) == [[4, 1, 16], [4, 1, 32]]  # [nh, 1, N]
+                assert not any(n.endswith(("w_uk", "w_uv_t")) for n in inits)  # no fp32 copy
         if cfg.language.use_mla and io == np.float32:
             assert gqa == [] and attention_kind(cfg, io) == "mla_latent_matmul"
             assert not any("past_latent" in n.input for n in m.graph.node)  # only the If's branches read the cache
@@ -189,6 +198,12 @@ def test_graph_structure(loaded):
                       and consts[next(i for i in n.input if i in consts)].size == 1]
             (mul,) = scaled  # the queries times 1/sqrt(192), once
             assert consts[next(i for i in mul.input if i in consts)].item() == pytest.approx((16 + 8) ** -0.5)
+            # the absorbed products read the int8 codes: decode on MatMulInteger, prefill dequantized
+            d_ops, p_ops = [n.op_type for n in decode.node], [n.op_type for n in prefill.node]
+            assert d_ops.count("DynamicQuantizeLinear") == 2 and "DequantizeLinear" not in d_ops
+            assert sorted(n.input[1] for n in decode.node if n.op_type == "MatMulInteger") == sorted(codes)
+            assert sorted(n.input[0] for n in prefill.node if n.op_type == "DequantizeLinear") == sorted(codes)
+            assert "MatMulInteger" not in p_ops and "DynamicQuantizeLinear" not in p_ops
             (pgqa,) = [n for n in prefill.node if n.op_type == "GroupQueryAttention"]
             attrs = {a.name: a for a in pgqa.attribute}
             assert attrs["kv_num_heads"].i == 1 and attrs["do_rotary"].i == 0
@@ -249,6 +264,8 @@ def test_quantized_close_to_reference(loaded, preset, kind):
     report = QualityReport()
     branch, hidden = run_against_reference(cfg, get, model, 1, Precision(kind, accuracy_level=4), np.float32, report)
     kinds = {"attention.qkv", "attention.o"}  # MLA: q_proj and kv_a_proj_with_mqa are one fused linear
+    if cfg.language.use_mla:
+        kinds.add("attention.kv_b")  # W_UK / W_UV, int8 per head and column whatever the linears' precision
     assert set(report.summary()) == kinds
     min_branch, min_hidden = QUANT_CASES[kind]
     assert branch > min_branch and hidden > min_hidden, (branch, hidden)
@@ -309,3 +326,23 @@ def test_runtime_helpers_import_without_torch_or_onnx():
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "OK", out.stderr
+
+
+def test_roofline_counts_the_attention_bytes_the_graph_stores(loaded):
+    """bench.roofline's attention bytes per layer (int8 linears, block 32) equal the projection initializers of the
+    built graph, for MLA with int8 W_UK/W_UV (manifest quantization.mla_absorbed) and for the fp32-weight form."""
+    from vl2edge.bench import roofline
+    from vl2edge.export import mla_absorb
+
+    cfg, get, _ = loaded("test-small")
+    prec = Precision("int8", block_size=16)
+    m = build_attention_graph(cfg, 1, get, prec, max_len=MAX_LEN).model()
+    stored = sum(numpy_helper.to_array(t).nbytes for t in m.graph.initializer
+                 if any(k in t.name for k in ("q_kv_a_proj", "o_proj", "w_uk", "w_uv_t")))
+    plan = {k: prec.describe() for k in ("experts", "linear", "embedding", "lm_head")}
+    per_layer = roofline.active_weight_bytes(cfg, plan | {"mla_absorbed": mla_absorb.INT8_DESCRIPTION})["attention"]
+    assert stored == per_layer // cfg.language.num_hidden_layers
+    fp32 = roofline.active_weight_bytes(cfg, plan)["attention"] // cfg.language.num_hidden_layers
+    L = cfg.language
+    assert fp32 - stored == L.num_attention_heads * (L.qk_nope_head_dim + L.v_head_dim) * L.kv_lora_rank * 3 \
+        - L.num_attention_heads * (L.kv_lora_rank + L.v_head_dim) * 4
