@@ -97,6 +97,9 @@ def test_manifest_describes_the_artifact(artifacts):
     assert m["quantization"]["linear"]["kind"] == "int8"
     assert m["quantization"]["routing"] == {"form": "weights"}  # cpu: mask + input 14, the CPU kernel's exact path
     assert m["attention"]["kind"] == "mla_latent_matmul"
+    assert m["quantization"]["mla_absorbed"]["kind"] == "int8"  # W_UK / W_UV (export/mla_absorb.py)
+    assert "mla_absorbed" not in open_artifact(artifacts["test-small", "fp32"]).manifest["quantization"]
+    assert "mla_absorbed" not in open_artifact(artifacts["test-tiny", "int4"]).manifest["quantization"]  # MHA
     assert m["attention"]["cache"]["buffers_per_layer"] == [[1, 1, 4096, 32 + 8]]  # latent + rope key only
     assert len(m["graphs"]["layers"]) == 3 and [x["moe"] for x in m["graphs"]["layers"]] == [False, True, True]
     assert {"tokenizer.json", "processor_config.json", "config.json"} <= set(m["files"])
