@@ -387,9 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--block-size", type=int, default=None, choices=[32, 64, 128],
                    help="quantization block (default 64, or the largest smaller one dividing the model's dims)")
     e.add_argument("--kv-cache", default="auto", choices=["auto", "int8", "float"],
-                   help="KV-cache elements: int8 (cpu, MHA models: static per-channel scales calibrated at export; "
-                        "a quarter of the bytes a decode step reads) or float (the I/O dtype); auto: int8 for "
-                        "int4 experts on cpu where the model allows it")
+                   help="KV-cache elements: int8 (cpu: 8-bit codes with static per-channel scales calibrated at "
+                        "export, a quarter of the bytes a decode step reads; the MLA latent cache as uint8) or "
+                        "float (the I/O dtype); auto: int8 for int4 experts on cpu")
     e.add_argument("--target", default="cpu", choices=["cpu", "cuda"], help="cpu: fp32 I/O; cuda: fp16 I/O")
     e.add_argument("--max-len", type=int, default=None, help="KV-cache length (default: the model's context)")
     e.add_argument("--force", action="store_true", help="replace an existing OUT (only once the new one is done)")

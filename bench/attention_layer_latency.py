@@ -2,11 +2,13 @@
 
   python -m vl2edge.bench.attention_layer_latency                      # tiny + small, int8, past 512 and 4000
   python -m vl2edge.bench.attention_layer_latency --presets small --past 128 1024 --precision int4
+  python -m vl2edge.bench.attention_layer_latency --kv-cache int8      # the 8-bit caches (int4 artifacts' default)
 
 For each preset builds layer 1's attention graph (a MoE layer, so the fp32 router logits are included) with
 deterministic random weights of the checkpoint shapes (N(0, 1/fan_in), norms 1), precision --precision with
-accuracy_level --accuracy-level, fp32 io, a cache of --max-len positions. The cache buffer(s) are filled with random
-rows (their values do not change the cost). For each past length P, a decode step (T = 1, positions P) is run
+accuracy_level --accuracy-level, fp32 io, a cache of --max-len positions (--kv-cache int8: 8-bit codes with uniform
+per-channel scales, as export/kv_calibration.py would set them). The cache buffer(s) are filled with random rows
+(their values do not change the cost). For each past length P, a decode step (T = 1, positions P) is run
 --steps times after --warmup untimed steps, every step rewriting row P and attending over P + 1 rows, like the engine.
 
 Two figures per case, median (min) in ms:
@@ -50,15 +52,29 @@ def random_weights(cfg: VL2Config, layer: int):
     return get
 
 
+def random_cache(cfg: VL2Config, max_len: int, kv_cache: str, rng) -> tuple[list[np.ndarray], object]:
+    """One layer's cache buffers filled with random rows, and the kv_scales its graph is built with."""
+    L = cfg.language
+    shapes = cache_shapes(cfg, max_len)
+    if kv_cache == "float":
+        return [rng.standard_normal(s, dtype=np.float32) * 0.5 for s in shapes], None
+    scale = np.float32(2.0 / 127)
+    if L.use_mla:  # uint8 codes around zero point 128 (export/latent_cache.py)
+        return [rng.integers(1, 256, s).astype(np.uint8) for s in shapes], \
+            np.full(shapes[0][-1], scale, np.float32)
+    per_channel = np.full((L.num_key_value_heads, L.head_dim), scale, np.float32)
+    return [rng.integers(-127, 128, s).astype(np.int8) for s in shapes], (per_channel, per_channel)
+
+
 def time_case(cfg: VL2Config, prec: Precision, max_len: int, pasts: list[int], threads: int, steps: int,
-              warmup: int) -> list[dict]:
-    g = build_attention_graph(cfg, LAYER, random_weights(cfg, LAYER), prec, np.float32, max_len)
+              warmup: int, kv_cache: str = "float") -> list[dict]:
+    rng = np.random.default_rng(0)
+    arrays, kv_scales = random_cache(cfg, max_len, kv_cache, rng)
+    g = build_attention_graph(cfg, LAYER, random_weights(cfg, LAYER), prec, np.float32, max_len, kv_scales=kv_scales)
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sess = ort.InferenceSession(g.model().SerializeToString(), so, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    arrays = [rng.standard_normal(s, dtype=np.float32) * 0.5 for s in cache_shapes(cfg, max_len)]
     buffers = cache_ortvalues(arrays)
     H = cfg.language.hidden_size
     rows = []
@@ -101,16 +117,17 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--kv-cache", default="float", choices=["float", "int8"])
     a = ap.parse_args(argv)
     prec = Precision(a.precision, a.block_size, a.accuracy_level)
     print(f"ORT {ort.__version__} CPU, {a.threads} threads, {prec.describe()}, max_len {a.max_len}, layer {LAYER}, "
-          f"{a.steps} timed decode steps after {a.warmup}; ms median (min)")
+          f"{a.kv_cache} cache, {a.steps} timed decode steps after {a.warmup}; ms median (min)")
     for name in a.presets:
         cfg = VL2Config.from_dict(preset_config(name))
         L = cfg.language
         kind = (f"MLA absorbed, {L.num_attention_heads} heads x {L.kv_lora_rank}+{L.qk_rope_head_dim}"
                 if L.use_mla else f"MHA, {L.num_attention_heads} heads x {L.head_dim}")
-        for r in time_case(cfg, prec, a.max_len, a.past, a.threads, a.steps, a.warmup):
+        for r in time_case(cfg, prec, a.max_len, a.past, a.threads, a.steps, a.warmup, a.kv_cache):
             print(f"{name:6s} H {L.hidden_size} {kind:32s} past {r['past']:5d}: "
                   f"step {r['step_med']:.3f} ({r['step_min']:.3f})  run {r['run_med']:.3f} ({r['run_min']:.3f})")
 

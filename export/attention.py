@@ -17,10 +17,10 @@ inputs
   position_ids           int64 [1, T]      past_len .. past_len + T - 1
   seqlens_k              int32 [1]         past_len + T - 1
   total_sequence_length  int32 []          past_len + T
-  MHA (Tiny):      past_key, past_value    io [1, kvH, max_len, head_dim]   (two buffers)
+  MHA (Tiny):      past_key, past_value    io [1, kvH, max_len, head_dim]   (two buffers; int8 with kv_scales)
   MLA (Small/VL2): past_latent             mla_absorbed_gqa: io [1, 1, max_len, kv_lora_rank + qk_rope_head_dim]
-                   (one graph input feeding both past_key and past_value of GQA); mla_latent_matmul: io
-                   [past_len, kv_lora_rank + qk_rope_head_dim], the buffer's first past_len rows
+                   (one graph input feeding both past_key and past_value of GQA); mla_latent_matmul: io (uint8
+                   with kv_scales) [past_len, kv_lora_rank + qk_rope_head_dim], the buffer's first past_len rows
 outputs
   hidden_out             io    [1, T, H]   hidden + o_proj(attention(RMSNorm_in(hidden)))
   mlp_in                 io    [1, T, H]   RMSNorm_post(hidden_out)
@@ -28,7 +28,8 @@ outputs
                                            float32(mlp_in) @ gate^T with the unquantized fp32 router weight
   MHA: present_key, present_value          bind to the same OrtValues as past_key / past_value
   MLA GQA: present_latent_key, present_latent_value   BOTH bind to the same OrtValue as past_latent
-  MLA latent: latent_new         io [T, width]   bound at the address of the buffer's row past_len
+  MLA latent: latent_new         io [T, width]   bound at the address of the buffer's row past_len (uint8 codes
+                                                 for an 8-bit cache, export/latent_cache.py)
 "io" is the graph's io_dtype (float32 or float16); H = hidden_size; E = n_routed_experts.
 
 Cache layouts (identical to model/language.py KVCache, so a reference cache and an ORT cache compare directly)
@@ -105,11 +106,12 @@ def deinterleave_perm(d: int) -> np.ndarray:
 def build_attention_graph(cfg: VL2Config, layer: int, get: Callable[[str], np.ndarray], prec: Precision,
                           io_dtype=np.float32, max_len: int = 4096,
                           report: QualityReport | None = None,
-                          kv_scales: tuple[np.ndarray, np.ndarray] | None = None) -> GraphBuilder:
+                          kv_scales: tuple[np.ndarray, np.ndarray] | np.ndarray | None = None) -> GraphBuilder:
     """The attention half of decoder layer `layer` (see the module docstring for the I/O contract).
     `get(name)` returns a checkpoint tensor (e.g. 'language.model.layers.0.self_attn.o_proj.weight') as fp32 numpy.
-    kv_scales: (k_scale, v_scale), each [kv_heads, head_dim] fp32 (export/kv_calibration.py): an int8 cache (MHA,
-    fp32 I/O only)."""
+    kv_scales (export/kv_calibration.py; fp32 I/O only, the CPU kernels): an 8-bit cache. MHA: (k_scale, v_scale),
+    each [kv_heads, head_dim], an int8 cache read by GroupQueryAttention; MLA: the latent's per-channel scales
+    [kv_lora_rank + qk_rope_head_dim], a uint8 cache (export/latent_cache.py)."""
     from .linear import emit_linear
     from .onnx_builder import GraphBuilder
     L = _lang(cfg)
@@ -129,12 +131,12 @@ def build_attention_graph(cfg: VL2Config, layer: int, get: Callable[[str], np.nd
 
     x = g.rms_norm(hidden, get(pfx + "input_layernorm.weight"), L.rms_norm_eps, io_dtype,
                    hint=pfx + "input_layernorm")
-    if kv_scales is not None and (L.use_mla or io_dtype != np.float32):
-        raise ValueError("an int8 KV cache is for MHA models with fp32 I/O (the CPU kernel)")
+    if kv_scales is not None and io_dtype != np.float32:
+        raise ValueError("an 8-bit KV cache needs fp32 I/O (the CPU kernels)")
     build = _mha if not L.use_mla else _mla_gqa if mla_form(io_dtype) == MLA_GQA else _mla_latent
     attn, presents, cache_shape = build(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids,
                                         seqlens_k, total, **({"kv_scales": kv_scales} if kv_scales is not None else {}))
-    cache_dtype = np.int8 if kv_scales is not None else io_dtype
+    cache_dtype = io_dtype if kv_scales is None else np.uint8 if L.use_mla else np.int8
     o = emit_linear(g, attn, get(pfx + "self_attn.o_proj.weight"), prec, io_dtype, hint=pfx + "self_attn.o_proj",
                     report=report, report_kind="attention.o")
     g.op("Add", [hidden, o], out_names=["hidden_out"])
@@ -283,7 +285,8 @@ def _mla_gqa(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids, s
     return _attended_latents_to_heads(g, L, ctx, w_uv_t, decoding=False), out[1:], cache_shape
 
 
-def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids, seqlens_k, total):
+def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids, seqlens_k, total,
+                kv_scales=None):
     """MLA over the latent cache that the graph reads but never writes: `past_latent` is the cache's valid prefix
     [P, width] (bound read-only over the buffer's first P rows) and `latent_new` [T, width] is bound over the next T
     rows, so the new rows land in the buffer with no copy. An If on T picks the attention, and with it the form of
@@ -298,15 +301,22 @@ def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids
     prefill chunk (T > 1): GroupQueryAttention over a copy of the prefix plus the chunk (its non-shared-buffer mode),
       whose per-head fused softmax keeps a chunk's [T, P + T] scores in cache; the GEMM form's elementwise passes over
       all heads' scores at once made 3.9k-token prefill 14% slower and its peak RSS 0.4 GB higher (measured). Copying
-      the prefix once per chunk costs little next to the chunk's work."""
+      the prefix once per chunk costs little next to the chunk's work.
+    kv_scales [width]: the cache holds uint8 codes (export/latent_cache.py); the new rows are written quantized, the
+    decode products read the codes on integer GEMMs, a prefill chunk dequantizes the prefix it copies anyway."""
+    from .latent_cache import LatentCodec
     from .onnx_builder import MS_DOMAIN
     nh, r, width = L.num_attention_heads, L.kv_lora_rank, L.kv_lora_rank + L.qk_rope_head_dim
     i64 = lambda *xs: np.array(xs, np.int64)  # noqa: E731
     (q_nope, q_pe), (c_kv, k_pe), (w_uk, w_uv_t) = _mla_query_and_latent(g, L, pfx, get, prec, io_dtype, max_len,
                                                                          report, x, position_ids)
     latent = g.op("Concat", [c_kv, k_pe], axis=2, hint="latent_cat")  # [1, T, width]
-    new = g.op("Reshape", [latent, g.const("latent_rows", i64(-1, width))], out_names=["latent_new"])  # [T, width]
-    past = g.input("past_latent", io_dtype, ["P", width])
+    codec = None if kv_scales is None else LatentCodec(g, pfx + "self_attn", kv_scales)
+    new = g.op("Reshape", [latent, g.const("latent_rows", i64(-1, width))],
+               **({"out_names": ["latent_new"]} if codec is None else {"hint": "latent_rows"}))  # [T, width] fp32
+    if codec is not None:
+        codec.write(g, new, "latent_new")
+    past = g.input("past_latent", io_dtype if codec is None else np.uint8, ["P", width])
     scale = float(L.softmax_scale)
     t = g.op("Squeeze", [g.op("Shape", [new], start=0, end=1)])
     decoding = g.op("Equal", [t, g.const("one", np.array(1, np.int64))], hint="decoding")
@@ -320,8 +330,12 @@ def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids
     # 1.5x slower at 4000 cached tokens (0.62 vs 0.41 ms, real Small dims, 2 threads). The [P, nh] result is
     # transposed, a copy of nh * P floats against the P * width read. MatMul, not Gemm: ORT's GemmTransposeFusion
     # rewrites Transpose(Gemm(past, q^T)) back into Gemm(q, past^T).
-    q_t = d.op("Transpose", [d.op("Mul", [q, d.const("scale", np.array(scale, io_dtype))])], perm=[1, 0])
-    s_past = d.op("Transpose", [d.op("MatMul", [past, q_t], hint="scores_past")], perm=[1, 0])  # [nh, P]
+    q_scaled = d.op("Mul", [q, d.const("scale", np.array(scale, io_dtype))])
+    if codec is None:
+        s_past = d.op("Transpose", [d.op("MatMul", [past, d.op("Transpose", [q_scaled], perm=[1, 0])],
+                                         hint="scores_past")], perm=[1, 0])  # [nh, P]
+    else:
+        s_past = codec.scores(d, past, q_scaled)
     s_new = d.op("Gemm", [q, new], hint="scores_new", transB=1, alpha=scale)  # [nh, 1]
     # positive axes: ORT 1.31 reduces an empty [nh, 0] (P = 0) along axis 1 to [nh, 1] of -inf (max) and 0 (sum),
     # as ONNX specifies, but along axis -1 to an empty [nh, 0]
@@ -330,7 +344,8 @@ def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids
     p_past = d.op("Exp", [d.op("Sub", [s_past, m])], hint="p_past")  # [nh, P]
     p_new = d.op("Exp", [d.op("Sub", [s_new, m])], hint="p_new")  # [nh, 1]
     den = d.op("Add", [d.op("ReduceSum", [p_past, ax1], keepdims=1), p_new], hint="denominator")
-    ctx = d.op("Add", [d.op("MatMul", [p_past, past], hint="ctx_past"), d.op("Mul", [p_new, new], hint="ctx_new")])
+    ctx_past = d.op("MatMul", [p_past, past], hint="ctx_past") if codec is None else codec.attend(d, p_past, past)
+    ctx = d.op("Add", [ctx_past, d.op("Mul", [p_new, new], hint="ctx_new")])
     ctx = d.op("Div", [d.op("Slice", [ctx, d.const("ctx_start", i64(0)), d.const("ctx_end", i64(r)),
                                       d.const("ctx_axis", i64(1))]), den])  # [nh, r]
     d.output(_attended_latents_to_heads(d, L, ctx, w_uv_t, decoding=True), "attn_decode", io_dtype,
@@ -340,7 +355,8 @@ def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids
     p = g.branch("prefill")
     q_full = p.op("Reshape", [_absorbed_query(p, L, q_nope, q_pe, w_uk, decoding=False),
                               p.const("q_packed", i64(1, -1, nh * width))])
-    past4 = p.op("Reshape", [past, p.const("past_4d", i64(1, 1, -1, width))])
+    past_rows = past if codec is None else codec.read(p, past)
+    past4 = p.op("Reshape", [past_rows, p.const("past_4d", i64(1, 1, -1, width))])
     attn = p.op("GroupQueryAttention", [q_full, latent, latent, past4, past4, seqlens_k, total], n_out=3,
                 domain=MS_DOMAIN, hint="gqa", num_heads=nh, kv_num_heads=1, scale=scale, do_rotary=0)[0]
     ctx = p.op("Slice", [p.op("Reshape", [attn, p.const("ctx_rows", i64(-1, width))]), p.const("ctx_start_p", i64(0)),
@@ -386,7 +402,7 @@ def cache_ortvalues(arrays: Sequence[np.ndarray]) -> list:
     return out
 
 
-_ONNX_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_ONNX_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8}
 
 
 def session_attention_kind(session) -> str:
@@ -402,7 +418,7 @@ def bind_cache(binding, kind: str, buffers: Sequence, past_len: int, t: int, dev
     by address, so the graph writes the new rows straight into the buffer (no copy, nothing reallocated)."""
     if kind == MLA_LATENT:
         (buf,) = buffers
-        dtype = np.float16 if buf.data_type() == "tensor(float16)" else np.float32
+        dtype = _ONNX_TO_NP[buf.data_type()]
         width = buf.shape()[-1]
         row = width * np.dtype(dtype).itemsize
         binding.bind_input("past_latent", device, 0, dtype, [past_len, width], buf.data_ptr())

@@ -35,8 +35,9 @@ Precision policy (recorded in the manifest):
        With fp32 experts everything is fp32: the parity artifact.
   cuda target: fp16 I/O, fp16 non-expert weights (tensor-core GEMMs; int8 activations do not exist there),
        experts as asked (QMoE int4/int8 or fp16 MoE).
-  KV cache (`kv_cache`): int8 with export-time calibrated scales (export/kv_calibration.py) for int4 experts on cpu
-       when the model is MHA (auto), else the I/O dtype. bench/fidelity.py measures what each choice costs.
+  KV cache (`kv_cache`): 8-bit codes with export-time calibrated scales (export/kv_calibration.py) for int4 experts
+       on cpu (auto), else the I/O dtype: MHA an int8 cache read by GroupQueryAttention, MLA a uint8 latent cache
+       read by integer GEMMs (export/latent_cache.py). bench/fidelity.py measures what each choice costs.
 """
 
 from __future__ import annotations
@@ -145,16 +146,15 @@ def with_stage_overrides(plan: dict[str, Precision], overrides: dict[str, Precis
 
 
 def choose_kv_cache(kv_cache: str, cfg: VL2Config, target: str, experts: str) -> str:
-    """The KV cache's element type: "int8" (static per-channel scales, export/kv_calibration.py) or "float" (the
-    graph's I/O dtype). auto: int8 for the int4 CPU artifact of an MHA model (Tiny), float otherwise."""
+    """The KV cache's element type: "int8" (8-bit codes with static per-channel scales, export/kv_calibration.py;
+    MLA: export/latent_cache.py) or "float" (the graph's I/O dtype). auto: int8 for the int4 CPU artifact,
+    float otherwise."""
     if kv_cache not in KV_CACHE_CHOICES:
         raise ExportError(f"--kv-cache {kv_cache!r}: choose one of {KV_CACHE_CHOICES}")
-    int8_ok = target == "cpu" and not cfg.language.use_mla
     if kv_cache == "auto":
-        return "int8" if int8_ok and experts == "int4" else "float"
-    if kv_cache == "int8" and not int8_ok:
-        raise ExportError("--kv-cache int8 needs --target cpu and an MHA model (Tiny): the MLA latent cache "
-                          "(Small, VL2) and the CUDA graphs keep a float cache")
+        return "int8" if target == "cpu" and experts == "int4" else "float"
+    if kv_cache == "int8" and target != "cpu":
+        raise ExportError("--kv-cache int8 needs --target cpu: the CUDA graphs keep a float cache")
     return kv_cache
 
 
@@ -197,7 +197,7 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
     max_len = max_len or L.max_position_embeddings
     io_dtype = np.float32 if target == "cpu" else np.float16
     kv_asked, kv_cache = kv_cache, choose_kv_cache(kv_cache, cfg, target, experts)
-    cache_dtype = np.dtype(np.int8 if kv_cache == "int8" else io_dtype)
+    cache_dtype = np.dtype(io_dtype if kv_cache != "int8" else np.uint8 if L.use_mla else np.int8)
 
     for stale in _partial_dirs(out):  # left by an interrupted export into the same OUT
         shutil.rmtree(stale, ignore_errors=True)

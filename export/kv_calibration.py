@@ -7,13 +7,17 @@ fixed in the graph, with which it also quantizes every new token (round, clamp).
 shape (10 heads x 128, 2 threads, buffer 4096): 1.59 ms fp32 vs 0.47 ms int8 per layer at 4000 past tokens. It has
 no per-token (dynamic) scales, so the scales must be known at export time: they are measured here.
 
-How (MHA models only; the MLA latent cache has its own attention, export/attention._mla_latent):
+The MLA latent cache (Small, VL2) is quantized the same way, one static scale per latent channel, but read by our
+own decode products (export/latent_cache.py), not by GroupQueryAttention: c_kv channels get max |c_kv|, the rotated
+k_pe part the max norm of its rotate-half pair (the reference caches k_pe de-interleaved, pairs (d, d + rope/2)).
+
+How:
   1. a calibration sequence of real-looking inputs: the BOS token, one calibration tile through the reference
      vision tower and projector (image tokens dominate long VL2 contexts, and their activations need not look like
      text's), the image newline / view separator, then a chat-formatted text of prose, numbers, code and grounding;
   2. the reference decoder layers (model/language.py) run ONE AT A TIME, each with only its own weights loaded, the
      hidden states of the whole sequence carried from one to the next; the post-RoPE keys and the values are read
-     from the reference's KVCache;
+     from the reference's KVCache (MLA: the latent rows [c_kv | k_pe]);
   3. per (kv head, channel): V scale = max |v|; K scale = the max over tokens of the NORM of its rotation pair
      (d, d + head_dim/2): RoPE turns that pair by a position-dependent angle, so at another position the channel
      can carry the pair's whole norm. Times HEADROOM (new inputs beyond the calibration range are clamped), / 127.
@@ -86,19 +90,18 @@ def calibration_embeddings(cfg: VL2Config, get: Callable[[str], np.ndarray],
 
 
 class KVCalibration:
-    """Runs the reference decoder layer by layer over the calibration sequence; `layer_scales(i)` -> the int8
-    scales (k_scale, v_scale), each [kv_heads, head_dim] fp32, of layer i (call in order 0, 1, ...)."""
+    """Runs the reference decoder layer by layer over the calibration sequence; `layer_scales(i)` -> layer i's
+    scales (call in order 0, 1, ...): MHA (k_scale, v_scale), each [kv_heads, head_dim] fp32; MLA the latent's
+    [kv_lora_rank + qk_rope_head_dim] fp32."""
 
     def __init__(self, cfg: VL2Config, get: Callable[[str], np.ndarray], tokenizer_dir: Path | None = None,
                  headroom: float = HEADROOM):
-        if cfg.language.use_mla:
-            raise ValueError("int8 KV scales are for MHA caches; the MLA latent cache is not quantized")
         self.cfg, self.get, self.headroom = cfg, get, headroom
         self.hidden, self.info = calibration_embeddings(cfg, get, tokenizer_dir)
         self.next_layer = 0
         self.saturation: dict[int, float] = {}
 
-    def layer_scales(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    def layer_scales(self, layer: int) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
         import torch
         from ..model.language import DecoderLayer, KVCache
 
@@ -115,9 +118,18 @@ class KVCalibration:
         with torch.inference_mode():
             out = mod(torch.from_numpy(self.hidden)[None], positions, mask, cache)
         self.hidden = out[0].numpy()
-        k, v = cache.k[layer][0].numpy(), cache.v[layer][0].numpy()  # [kvH, n, hd]
         self.next_layer += 1
+        if L.use_mla:
+            return latent_scales(cache.latent[layer][0].numpy(), L.kv_lora_rank, self.headroom)
+        k, v = cache.k[layer][0].numpy(), cache.v[layer][0].numpy()  # [kvH, n, hd]
         return key_scales(k, self.headroom), value_scales(v, self.headroom)
+
+
+def latent_scales(latent: np.ndarray, kv_lora_rank: int, headroom: float = HEADROOM) -> np.ndarray:
+    """latent [n, r + rope] (c_kv | rotated k_pe, de-interleaved) -> [r + rope]: c_kv channels from max |c_kv|, the
+    k_pe part as keys (each rotate-half pair's max norm)."""
+    c_kv, k_pe = latent[:, :kv_lora_rank], latent[:, kv_lora_rank:]
+    return np.concatenate([value_scales(c_kv[None], headroom)[0], key_scales(k_pe[None], headroom)[0]])
 
 
 def key_scales(k: np.ndarray, headroom: float = HEADROOM) -> np.ndarray:

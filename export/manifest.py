@@ -12,7 +12,8 @@ Top-level keys:
                            kv_cache: {kind: "int8" | "float", asked: the --kv-cache option}; mla_absorbed (MLA
                            fp32 artifacts with quantized attention): W_UK / W_UV int8 (export/mla_absorb.py)
   attention                kind ("mha_gqa" | "mla_latent_matmul" (fp32) | "mla_absorbed_gqa" (fp16)), max_len, cache
-                           (per-layer buffers, their dtype: the io dtype, or int8 with its calibration), bytes/token
+                           (per-layer buffers, their dtype: the io dtype, or int8 (MHA) / uint8 (MLA) codes with
+                           their calibration), bytes/token
   graphs                   vision, embedding, head: {file, inputs, outputs}; layers: [{attention, mlp, moe}]
   image_tokens             safetensors file with image_newline and view_seperator
   quality_report           per tensor kind: relative error and cosine of the quantized weights
@@ -26,8 +27,10 @@ import json
 from pathlib import Path
 
 FORMAT = "vl2edge-artifact"
-FORMAT_VERSION = 3  # 2: MLA attention kind mla_latent_matmul on fp32 artifacts; 3: the cache may be int8
-READABLE_FORMAT_VERSIONS = (1, 2, 3)  # 1 differs from 2 only in that kind, which the runtime still runs
+# 2: MLA attention kind mla_latent_matmul on fp32 artifacts; 3: the cache may be int8; 4: the MLA latent cache may be
+# uint8 (export/latent_cache.py), which a version-3 runtime would misread as float
+FORMAT_VERSION = 4
+READABLE_FORMAT_VERSIONS = (1, 2, 3, 4)  # 1 differs from 2 only in that kind, which the runtime still runs
 MANIFEST = "manifest.json"
 
 # onnx.TensorProto element types -> numpy dtype names (no onnx import needed to read a manifest)

@@ -152,7 +152,8 @@ class Engine:
             if self.config.language.n_routed_experts else None
         self.expert_counts = ExpertCounts(self.config.language.n_routed_experts or 0)
         self.timings = StepTimings()
-        self.cache_dtype = np.dtype(m["attention"]["cache"].get("dtype", m["io_dtype"]))  # int8: kv_calibration
+        # int8 (MHA) or uint8 (MLA) codes: export/kv_calibration.py
+        self.cache_dtype = np.dtype(m["attention"]["cache"].get("dtype", m["io_dtype"]))
         self._allocate_caches([tuple(s) for s in m["attention"]["cache"]["buffers_per_layer"]], len(g["layers"]))
         self.length = 0
 

@@ -1,8 +1,9 @@
-"""The int8 KV cache (export/kv_calibration.py + GroupQueryAttention with PER_CHANNEL scales).
+"""The 8-bit KV caches: MHA's int8 cache (export/kv_calibration.py + GroupQueryAttention with PER_CHANNEL scales)
+and MLA's uint8 latent cache (export/latent_cache.py).
 
-Checked against hand-derived math, not against our graphs: a numpy emulation of the layer (the reference module's
-projections and RoPE, then the cache written with quantize_cache, attention over the DEQUANTIZED cache in numpy)
-must give the ORT graph's outputs and its int8 cache rows; and the whole artifact must stay within the precision
+Checked against hand-derived math, not against our graphs: an emulation of the layer (the reference module's
+projections and RoPE, then the cache written with quantize_cache / quantize_latent, attention over the DEQUANTIZED
+cache) must give the ORT graph's outputs and its cache codes; and the whole artifact must stay within the precision
 policy of the teacher-forced comparison against the fp32 reference (bench/fidelity.py).
 """
 
@@ -21,12 +22,14 @@ from vl2edge.export.kv_calibration import (
     QMAX,
     KVCalibration,
     key_scales,
+    latent_scales,
     quantize_cache,
     value_scales,
 )
+from vl2edge.export.latent_cache import ZERO_POINT, dequantize_latent, quantize_latent
 from vl2edge.export.linear import Precision
 from vl2edge.model.checkpoint import Checkpoint
-from vl2edge.model.language import apply_rope, rope_cos_sin
+from vl2edge.model.language import apply_rope, deinterleave, rope_cos_sin
 from vl2edge.model.vl2 import DeepseekVL2
 from vl2edge.runtime.engine import Engine
 
@@ -121,8 +124,9 @@ def test_calibration_runs_layers_in_order_on_image_and_text_tokens(tiny, test_ch
     ks, vs = cal.layer_scales(0)
     assert ks.shape == (cfg.language.num_key_value_heads, cfg.language.head_dim) and (ks > 0).all()
     small = Checkpoint.open(test_checkpoints["test-small"])
-    with pytest.raises(ValueError, match="MLA latent cache"):
-        KVCalibration(small.config, lambda n: small.tensor(n, torch.float32).numpy())
+    L = small.config.language
+    scales = KVCalibration(small.config, lambda n: small.tensor(n, torch.float32).numpy()).layer_scales(0)
+    assert scales.shape == (L.kv_lora_rank + L.qk_rope_head_dim,) and (scales > 0).all()
 
 
 def test_export_chooses_the_cache_and_the_engine_allocates_it(test_checkpoints, tmp_path):
@@ -141,9 +145,132 @@ def test_export_chooses_the_cache_and_the_engine_allocates_it(test_checkpoints, 
     asked = export(test_checkpoints["test-tiny"], tmp_path / "int8f", experts="int8", progress=False)
     assert json.loads((asked / "manifest.json").read_text())["attention"]["cache"]["dtype"] == "float32"
     small = export(test_checkpoints["test-small"], tmp_path / "small", experts="int4", progress=False)
-    assert json.loads((small / "manifest.json").read_text())["quantization"]["kv_cache"]["kind"] == "float"
-    with pytest.raises(ExportError, match="MHA model"):
-        export(test_checkpoints["test-small"], tmp_path / "x", experts="int4", kv_cache="int8", progress=False)
+    m = json.loads((small / "manifest.json").read_text())
+    assert m["quantization"]["kv_cache"]["kind"] == "int8" and m["attention"]["cache"]["dtype"] == "uint8"
+    L = Checkpoint.open(test_checkpoints["test-small"]).config.language
+    assert m["attention"]["cache_bytes_per_token"] == L.num_hidden_layers * (L.kv_lora_rank + L.qk_rope_head_dim)
+    eng = Engine(small)
+    assert eng.cache_arrays[0][0].dtype == np.uint8
+    eng.prefill(eng.embed(np.arange(5, 40)))
+    assert (eng.cache_arrays[1][0][0, 0, :35] != ZERO_POINT).any() and not eng.cache_arrays[1][0][0, 0, 35:].any()
+    small8 = export(test_checkpoints["test-small"], tmp_path / "small8", experts="int8", progress=False)
+    assert json.loads((small8 / "manifest.json").read_text())["attention"]["cache"]["dtype"] == "float32"
+    with pytest.raises(ExportError, match="--target cpu"):
+        export(test_checkpoints["test-small"], tmp_path / "x", experts="int4", target="cuda", kv_cache="int8",
+               progress=False)
     with pytest.raises(ExportError, match="--kv-cache 'int4'"):
         export(test_checkpoints["test-tiny"], tmp_path / "y", kv_cache="int4", progress=False)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_latent_scales_cover_every_rotation_of_k_pe():
+    rng = np.random.default_rng(1)
+    r, rope = 6, 4
+    latent = rng.standard_normal((30, r + rope)).astype(np.float32) * np.arange(1, r + rope + 1, dtype=np.float32)
+    scales = latent_scales(latent, r)
+    np.testing.assert_allclose(scales[:r], np.abs(latent[:, :r]).max(0) * HEADROOM / QMAX, rtol=1e-6)
+    np.testing.assert_array_equal(scales[r:r + rope // 2], scales[r + rope // 2:])  # rotate-half pairs share one
+    k = latent[:, r:]
+    for theta in np.linspace(0, 2 * np.pi, 9):
+        c, s_ = np.cos(theta), np.sin(theta)
+        rot = np.concatenate([k[:, :2] * c - k[:, 2:] * s_, k[:, 2:] * c + k[:, :2] * s_], -1)
+        codes = quantize_latent(np.concatenate([latent[:, :r], rot], 1), scales)
+        assert codes.min() >= ZERO_POINT - QMAX and codes.max() <= ZERO_POINT + QMAX  # never clamped
+    x = latent * 0.5
+    assert np.abs(dequantize_latent(quantize_latent(x, scales), scales) - x).max() <= scales.max() / 2 + 1e-6
+
+
+@pytest.fixture(scope="module")
+def small(test_checkpoints):
+    path = test_checkpoints["test-small"]
+    ckpt = Checkpoint.open(path)
+    get = lambda n: ckpt.tensor(n, torch.float32).numpy()  # noqa: E731
+    return ckpt.config, get, DeepseekVL2.from_checkpoint(path), path
+
+
+def emulated_mla_step(mod, L, x, past, codes, scales):
+    """Layer `mod`'s attention half over an 8-bit latent cache, by hand (numpy after the reference's projections):
+    the prefix read as its dequantized codes, a step's own new rows exact; a decode step (t = 1) with the layout's
+    integer rounding of queries (int8 per head) and probabilities (uint8, 1/255). Returns (hidden_out [1, t, H],
+    the new rows quantized by the layout's rule)."""
+    a, t = mod.self_attn, x.shape[1]
+    nh, nope, rope, r = L.num_attention_heads, L.qk_nope_head_dim, L.qk_rope_head_dim, L.kv_lora_rank
+    with torch.no_grad():
+        h = mod.input_layernorm(torch.from_numpy(x))
+        q = a.q_proj(h) if L.q_lora_rank is None else a.q_b_proj(a.q_a_layernorm(a.q_a_proj(h)))
+        q_nope, q_pe = q.view(1, t, nh, nope + rope).transpose(1, 2).split([nope, rope], dim=-1)
+        c_kv, k_pe = a.kv_a_proj_with_mqa(h).split([r, rope], dim=-1)
+        cos, sin = rope_cos_sin(torch.arange(past, past + t), rope, L.rope_theta, torch.float32)
+        rows = torch.cat([a.kv_a_layernorm(c_kv), apply_rope(deinterleave(k_pe), cos, sin)], -1)[0].numpy()
+        w = a.kv_b_proj.weight.view(nh, nope + L.v_head_dim, r)
+        q_full = torch.cat([torch.einsum("bhtd,hdc->bhtc", q_nope, w[:, :nope]),
+                            apply_rope(deinterleave(q_pe), cos, sin)], -1)[0].numpy() * L.softmax_scale  # [nh,t,w]
+    prefix = (codes[:past].astype(np.float32) - ZERO_POINT)  # [past, width] codes around the zero point
+    if t == 1 and past:
+        qs = q_full[:, 0] * scales
+        q_scale = np.abs(qs).max(1, keepdims=True) / QMAX
+        s_past = (np.rint(qs / q_scale) @ prefix.T) * q_scale  # [nh, past]
+        s_new = q_full[:, 0] @ rows[0][:, None]  # [nh, 1]
+        m = np.maximum(s_past.max(1, keepdims=True), s_new)
+        p_past, p_new = np.exp(s_past - m), np.exp(s_new - m)
+        ctx = (np.rint(p_past * 255) @ prefix * scales / 255 + p_new * rows[0]) / (p_past.sum(1, keepdims=True)
+                                                                                  + p_new)
+        ctx = ctx[:, None, :r]  # [nh, 1, r]
+    else:
+        keys = np.concatenate([prefix * scales, rows])  # [past + t, width]
+        s = q_full @ keys.T  # [nh, t, past + t]
+        s[:, np.arange(t)[:, None] + past < np.arange(past + t)[None, :]] = -np.inf  # causal
+        p = np.exp(s - s.max(-1, keepdims=True))
+        ctx = (p / p.sum(-1, keepdims=True)) @ keys[:, :r]  # [nh, t, r]
+    with torch.no_grad():
+        o = torch.einsum("htc,hdc->thd", torch.from_numpy(ctx.astype(np.float32)), w[:, nope:]).reshape(1, t, -1)
+        return x + a.o_proj(o).numpy(), quantize_latent(rows, scales)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_uint8_latent_graph_equals_the_hand_derived_layer(small, layer):
+    """Prefill chunks and decode steps equal the emulation to float rounding (ties in rounding may move a code by
+    one), ten times closer than the float-cache graph is to it."""
+    import onnxruntime as ort
+
+    cfg, get, model, path = small
+    L = cfg.language
+    cal = KVCalibration(cfg, get, path)
+    for i in range(layer + 1):
+        scales = cal.layer_scales(i)
+    sessions = {kind: ort.InferenceSession(build_attention_graph(cfg, layer, get, Precision("fp32"), max_len=MAX_LEN,
+                                                                 kv_scales=kvs).model().SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+                for kind, kvs in (("uint8", scales), ("float", None))}
+    arrays = {"uint8": new_cache_arrays(cfg, MAX_LEN, np.uint8)[layer],
+              "float": new_cache_arrays(cfg, MAX_LEN, np.float32)[layer]}
+    buffers = {k: cache_ortvalues(a) for k, a in arrays.items()}
+    codes = np.zeros((MAX_LEN, L.kv_lora_rank + L.qk_rope_head_dim), np.uint8)
+    mod = model.language.model.layers[layer]
+    rng = np.random.default_rng(layer)
+    past = 0
+    for t in CHUNKS:
+        x = rng.standard_normal((1, t, L.hidden_size)).astype(np.float32)
+        got, _, _ = run_attention_step(sessions["uint8"], buffers["uint8"], x, past)
+        as_float, _, _ = run_attention_step(sessions["float"], buffers["float"], x, past)
+        want, codes[past:past + t] = emulated_mla_step(mod, L, x, past, codes, scales)
+        err = np.abs(got - want).max() / np.abs(want - x).max()
+        float_err = np.abs(as_float - want).max() / np.abs(want - x).max()
+        assert err < 1e-4 and (past == 0 or err < float_err / 10), (t, past, err, float_err)
+        past += t
+        diff = np.abs(arrays["uint8"][0][0, 0, :past].astype(int) - codes[:past])
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+    assert not arrays["uint8"][0][0, 0, past:].any()  # nothing written past the context
+
+
+@pytest.mark.parametrize("preset", ["test-tiny", "test-small"])
+def test_attention_latency_bench_times_the_8bit_caches(preset):
+    from vl2edge.bench.attention_layer_latency import random_cache, time_case
+    from vl2edge.model.config import VL2Config
+    from vl2edge.model.presets import preset_config
+
+    cfg = VL2Config.from_dict(preset_config(preset))
+    arrays, scales = random_cache(cfg, 32, "int8", np.random.default_rng(0))
+    assert arrays[0].dtype == (np.uint8 if cfg.language.use_mla else np.int8)
+    rows = time_case(cfg, Precision("int8", 32, 4), 32, [0, 20], threads=1, steps=2, warmup=1, kv_cache="int8")
+    assert [r["past"] for r in rows] == [0, 20] and all(r["run_med"] > 0 for r in rows)
