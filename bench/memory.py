@@ -77,7 +77,7 @@ VARIANTS: dict[str, dict] = {
     "transient_vision": {"transient_vision": True},
     "no_prepack+transient_vision": {"entries": {"session.disable_prepacking": "1"}, "transient_vision": True},
     # load(low_memory=True); prefill_chunk None: the model's low-memory chunk (runtime.api.low_memory_chunk_size)
-    "low_memory": {"transient_vision": True, "vision_alone": True, "prefill_chunk": None},
+    "low_memory": {"transient_vision": True, "vision_alone": True, "arena": False, "prefill_chunk": None},
 }
 
 
@@ -112,7 +112,8 @@ def _probe_child(artifact: str, variant: str, threads: int | None, vision: bool,
     steps = {"start": rss()}
     t0 = time.perf_counter()
     eng = ProbeEngine(artifact, provider="cpu", threads=threads, verify="size",
-                      transient_vision=v.get("transient_vision", False), vision_alone=v.get("vision_alone", False))
+                      transient_vision=v.get("transient_vision", False), vision_alone=v.get("vision_alone", False),
+                      arena=v.get("arena", True))
     load_s = time.perf_counter() - t0
     steps["loaded"] = rss()
     malloc_trim()

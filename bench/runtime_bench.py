@@ -201,6 +201,7 @@ def bench_runtime(artifact: str | Path, threads: int | None, provider: str | Non
         "ort_intra_op_spinning": model.engine._opts.get_session_config_entry("session.intra_op.allow_spinning") == "1",
         "transient_vision": transient_vision,
         "low_memory": low_memory,
+        "cpu_arena": model.engine.arena,  # False: no arena, large blocks returned to the OS (low_memory)
         "load_s": load_s,
     }
     loads = {"start": load_start}

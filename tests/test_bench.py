@@ -39,7 +39,8 @@ SUMMARY_KEYS = {"median", "min", "max", "p10", "p90", "mean", "stdev", "n"}
 TOP_KEYS = {"schema_version", "generator", "created_utc", "command", "mode", "model", "machine", "workload",
             "runtime", "reference", "ratios", "roofline", "targets", "plots", "errors", "skipped"}
 RUNTIME_KEYS = {"precision", "artifact", "artifact_bytes", "artifact_created_utc", "quantization", "provider",
-                "threads", "max_len", "ort_intra_op_spinning", "transient_vision", "low_memory", "load_s", "vision",
+                "threads", "max_len", "ort_intra_op_spinning", "transient_vision", "low_memory", "cpu_arena", "load_s",
+                "vision",
                 "prefill",
                 "ttft", "decode", "memory", "load_average", "wall_s"}
 REFERENCE_KEYS = {"dtype", "checkpoint", "device", "threads", "omp_wait_policy", "load_s", "weight_bytes", "vision",

@@ -208,6 +208,24 @@ def test_transient_vision_has_its_own_arena(artifacts, test_checkpoints):
     np.testing.assert_array_equal(transient.prefill(transient.embed(*args)), resident.prefill(resident.embed(*args)))
 
 
+def test_low_memory_engine_has_no_arena_and_returns_large_blocks(artifacts, test_checkpoints):
+    """Engine(arena=False), the low-memory mode: no CPU arena in the language model's sessions (nor the shared one),
+    malloc's large-block policy set (glibc, which CI runs on), and the results of an engine with the arena."""
+    from vl2edge.runtime.api import load
+    from vl2edge.runtime.engine import return_large_blocks
+
+    inp = prompt(test_checkpoints, "test-tiny")
+    args = (inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop)
+    low = load(artifacts["test-tiny", "int4"], low_memory=True).engine
+    assert low.arena is False and low._opts.enable_cpu_mem_arena is False
+    with pytest.raises(RuntimeError):  # the entry that routes sessions to the shared arena is absent
+        low._opts.get_session_config_entry("session.use_env_allocators")
+    assert return_large_blocks() is True
+    usual = Engine(artifacts["test-tiny", "int4"])
+    assert usual.arena is True and usual._opts.enable_cpu_mem_arena is True
+    np.testing.assert_array_equal(low.prefill(low.embed(*args)), usual.prefill(usual.embed(*args)))
+
+
 def test_dense_int4_quantizes_the_other_linears_and_still_tracks_the_reference(test_checkpoints, artifacts,
                                                                                  references, tmp_path):
     art = export(test_checkpoints["test-small"], tmp_path / "dense4", experts="int4", dense="int4", block_size=32,
