@@ -37,12 +37,16 @@ MAX_LEN = 64
 CHUNKS = [23] + [1] * 12 + [4]
 
 
-@pytest.fixture(scope="module")
-def tiny(test_checkpoints):
-    path = test_checkpoints["test-tiny"]
+def _preset(path):
+    """(config, get(name) -> fp32 numpy, the reference model, path) of a test checkpoint."""
     ckpt = Checkpoint.open(path)
     get = lambda n: ckpt.tensor(n, torch.float32).numpy()  # noqa: E731
     return ckpt.config, get, DeepseekVL2.from_checkpoint(path), path
+
+
+@pytest.fixture(scope="module")
+def tiny(test_checkpoints):
+    return _preset(test_checkpoints["test-tiny"])
 
 
 def emulated_step(mod, L, x, past, kq, vq, ks, vs):
@@ -182,10 +186,7 @@ def test_latent_scales_cover_every_rotation_of_k_pe():
 
 @pytest.fixture(scope="module")
 def small(test_checkpoints):
-    path = test_checkpoints["test-small"]
-    ckpt = Checkpoint.open(path)
-    get = lambda n: ckpt.tensor(n, torch.float32).numpy()  # noqa: E731
-    return ckpt.config, get, DeepseekVL2.from_checkpoint(path), path
+    return _preset(test_checkpoints["test-small"])
 
 
 def emulated_mla_step(mod, L, x, past, codes, scales):
