@@ -311,13 +311,13 @@ def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids
     (q_nope, q_pe), (c_kv, k_pe), (w_uk, w_uv_t) = _mla_query_and_latent(g, L, pfx, get, prec, io_dtype, max_len,
                                                                          report, x, position_ids)
     latent = g.op("Concat", [c_kv, k_pe], axis=2, hint="latent_cat")  # [1, T, width]
-    codec = None if kv_scales is None else LatentCodec(g, pfx + "self_attn", kv_scales)
+    scale = float(L.softmax_scale)
+    codec = None if kv_scales is None else LatentCodec(g, pfx + "self_attn", kv_scales, scale)
     new = g.op("Reshape", [latent, g.const("latent_rows", i64(-1, width))],
                **({"out_names": ["latent_new"]} if codec is None else {"hint": "latent_rows"}))  # [T, width] fp32
     if codec is not None:
         codec.write(g, new, "latent_new")
     past = g.input("past_latent", io_dtype if codec is None else np.uint8, ["P", width])
-    scale = float(L.softmax_scale)
     t = g.op("Squeeze", [g.op("Shape", [new], start=0, end=1)])
     decoding = g.op("Equal", [t, g.const("one", np.array(1, np.int64))], hint="decoding")
 
@@ -330,12 +330,11 @@ def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids
     # 1.5x slower at 4000 cached tokens (0.62 vs 0.41 ms, real Small dims, 2 threads). The [P, nh] result is
     # transposed, a copy of nh * P floats against the P * width read. MatMul, not Gemm: ORT's GemmTransposeFusion
     # rewrites Transpose(Gemm(past, q^T)) back into Gemm(q, past^T).
-    q_scaled = d.op("Mul", [q, d.const("scale", np.array(scale, io_dtype))])
     if codec is None:
-        s_past = d.op("Transpose", [d.op("MatMul", [past, d.op("Transpose", [q_scaled], perm=[1, 0])],
-                                         hint="scores_past")], perm=[1, 0])  # [nh, P]
+        q_t = d.op("Transpose", [d.op("Mul", [q, d.const("scale", np.array(scale, io_dtype))])], perm=[1, 0])
+        s_past = d.op("Transpose", [d.op("MatMul", [past, q_t], hint="scores_past")], perm=[1, 0])  # [nh, P]
     else:
-        s_past = codec.scores(d, past, q_scaled)
+        s_past = codec.scores(d, past, q)  # the softmax scale folded into its query scales
     s_new = d.op("Gemm", [q, new], hint="scores_new", transB=1, alpha=scale)  # [nh, 1]
     # positive axes: ORT 1.31 reduces an empty [nh, 0] (P = 0) along axis 1 to [nh, 1] of -inf (max) and 0 (sum),
     # as ONNX specifies, but along axis -1 to an empty [nh, 0]

@@ -33,13 +33,21 @@ from .residency import page_out_files
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
+def _glibc():
+    """glibc, or None where it is not the C library."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def malloc_trim() -> bool:
     """Give glibc's free heap pages back to the OS (Linux/glibc; elsewhere a no-op that returns False)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        return True
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
         return False
+    libc.malloc_trim(0)
+    return True
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
@@ -57,10 +65,8 @@ def return_large_blocks() -> bool:
     language model with no arena and this policy (Engine(arena=False)): real-dims Small memory plan, one image then
     three refills to 4,060 tokens in 128-token chunks with decode steps between, RSS after each refill 8712 / 8721
     / 8724 MiB against 8804 / 8834 / 9018 with the shared arena (peak 8805 vs 9018)."""
-    try:
-        return ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES) == 1
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return libc is not None and hasattr(libc, "mallopt") and libc.mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES) == 1
 
 
 class ContextFullError(ValueError):
@@ -155,12 +161,13 @@ class Engine:
         self.arena = arena or self.provider != "cpu"
         if not self.arena:
             return_large_blocks()
-        self._opts = self._session_options(threads, spin, shared_arena=self.provider == "cpu", arena=self.arena)
+        self._opts = self._session_options(threads, spin, arena="none" if not self.arena else
+                                           "shared" if self.provider == "cpu" else "own")
         # A transient vision session keeps its own arena, freed with it (its blocks are above glibc's mmap threshold,
         # so they go back to the OS), instead of leaving its high-water mark in the shared arena, where the language
         # model reuses only part of it: real-dims Small, one 640x480 image then a 3.9k prompt in 128-token chunks,
         # RSS after vision 104 vs 205 MiB, peak 8958 vs 8994 MiB.
-        self._vision_opts = self._session_options(threads, spin, shared_arena=False) if transient_vision \
+        self._vision_opts = self._session_options(threads, spin, arena="own") if transient_vision \
             else self._opts
         g = m["graphs"]
         self._vision_file = g["vision"]["file"]
@@ -185,7 +192,9 @@ class Engine:
         self.length = 0
 
     @staticmethod
-    def _session_options(threads: int | None, spin: bool, shared_arena: bool, arena: bool = True) -> ort.SessionOptions:
+    def _session_options(threads: int | None, spin: bool, arena: str) -> ort.SessionOptions:
+        """arena: "shared" (the process-wide CPU arena, use_shared_cpu_arena), "own" (the session's own arena, freed
+        with it) or "none" (no CPU arena; see return_large_blocks)."""
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -197,9 +206,9 @@ class Engine:
         # pool (ort.set_global_thread_pool_sizes + use_per_session_threads=False) removes that pathology (44.5 ms
         # with spinning) but gave no measurable gain without it, and it is fixed for the process at first use.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        if not arena:
+        if arena == "none":
             opts.enable_cpu_mem_arena = False
-        elif shared_arena:
+        elif arena == "shared":
             use_shared_cpu_arena(opts)
         return opts
 
