@@ -7,7 +7,9 @@ Teacher-forced comparison: for each of a fixed set of conversations (with and wi
 and then the REFERENCE's tokens, so both see identical inputs at every step and their logits can be compared step
 by step however early a near-tie flips a greedy choice. Per step: cosine and relative max error of the logits, and
 whether the top-1 tokens agree. Per MoE layer: the rate at which the artifact's expert selection (the set of top-k
-experts of a token) differs from the reference's, over every prompt and answer token.
+experts of a token) differs from the reference's, over every prompt and answer token. Then once more with the
+reference's expert choices held (the artifact weighs them with its own router logits): what error is left is the
+quantized arithmetic's, the difference is what flipped expert choices cost.
 
 --stages attributes the error: the checkpoint is exported again once per quantized stage with that one stage at
 fp32 (vision, embedding, attention, dense_mlp, shared_experts, experts, lm_head; "activations": every int8/int4
@@ -106,11 +108,37 @@ def reference_run(model, inp, steps: int, device: str | None = None):
     return tokens, np.stack(logits), {i: np.concatenate(v) for i, v in sel.items()}
 
 
-def artifact_run(engine, inp, tokens: list[int]):
-    """The artifact fed the prompt, then the reference's tokens: (logits [steps, V], selections)."""
+class _HeldRouting:
+    """Stands in for the Engine's routing (`Engine._route`): each MoE layer takes the reference's experts for the
+    tokens in the order they come and weighs them with the artifact's own router logits. What is left of the logit
+    error is then the arithmetic's alone: no expert choice can flip at a near-tie."""
+
+    def __init__(self, engine, selections: dict[int, np.ndarray]):
+        self.engine, self.selections, self.done = engine, selections, {}
+
+    def __call__(self, i: int, layer, router_logits: np.ndarray):
+        from ..runtime.dispatch import expert_graph_inputs, weights_of
+
+        start = self.done.get(i, 0)
+        idx = self.selections[i][start:start + len(router_logits)]
+        self.done[i] = start + len(router_logits)
+        if len(idx) != len(router_logits):
+            raise ValueError(f"layer {i}: the reference chose experts for {len(self.selections[i])} tokens, the "
+                             f"artifact routes more")
+        self.engine.expert_counts.add(i, idx)
+        routing = self.engine.routing
+        return expert_graph_inputs(idx, weights_of(router_logits, idx, routing), routing.num_experts,
+                                   self.engine.io_dtype)
+
+
+def artifact_run(engine, inp, tokens: list[int], held: dict[int, np.ndarray] | None = None):
+    """The artifact fed the prompt, then the reference's tokens: (logits [steps, V], selections). held: the
+    reference's selections, to route with instead of the artifact's own choices."""
     engine.reset()
     rec = _SelectionRecorder()
     counts, engine.expert_counts = engine.expert_counts, rec
+    if held is not None:
+        engine._route = _HeldRouting(engine, held)  # an instance attribute: shadows the method for this run
     try:
         logits = [engine.prefill(engine.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask,
                                               inp.images_spatial_crop))]
@@ -118,6 +146,7 @@ def artifact_run(engine, inp, tokens: list[int]):
             logits.append(engine.decode(tok))
     finally:
         engine.expert_counts = counts
+        engine.__dict__.pop("_route", None)
     return np.stack(logits), rec.stacked()
 
 
@@ -152,9 +181,11 @@ def summarize(per_conv: list[dict]) -> dict:
 
 
 def measure(artifact, model, conversations: int = len(CONVERSATIONS), steps: int = STEPS, threads: int | None = None,
-            references: list | None = None) -> dict:
+            references: list | None = None, held_routing: bool = False) -> dict:
     """Teacher-forced comparison of `artifact` with the reference `model` (a DeepseekVL2). `references`: the
-    reference runs of an earlier call, to reuse (the reference does not change between variants)."""
+    reference runs of an earlier call, to reuse (the reference does not change between variants). held_routing:
+    also measure with the reference's expert choices held ("held_routing" summary; MoE models), which splits the
+    error into the arithmetic's and that of the expert choices it flips."""
     from ..runtime.engine import Engine
     from ..runtime.processor import Processor
 
@@ -162,11 +193,17 @@ def measure(artifact, model, conversations: int = len(CONVERSATIONS), steps: int
     inputs = prepared_conversations(Processor.from_dir(artifact), conversations)
     if references is None:
         references = [reference_run(model, inp, steps) for inp in inputs]
-    per_conv = []
+    per_conv, per_conv_held = [], []
     for inp, (tokens, ref_logits, ref_sel) in zip(inputs, references, strict=True):
         art_logits, art_sel = artifact_run(engine, inp, tokens)
         per_conv.append(compare(ref_logits, art_logits, ref_sel, art_sel) | {"prompt_tokens": inp.seq_len})
-    return {"summary": summarize(per_conv), "conversations": per_conv, "references": references}
+        if held_routing and ref_sel:
+            art_logits, art_sel = artifact_run(engine, inp, tokens, held=ref_sel)
+            per_conv_held.append(compare(ref_logits, art_logits, ref_sel, art_sel))
+    out = {"summary": summarize(per_conv), "conversations": per_conv, "references": references}
+    if per_conv_held:
+        out["summary"]["held_routing"] = summarize(per_conv_held)
+    return out
 
 
 def variant_overrides(manifest: dict) -> dict[str, dict]:
@@ -207,7 +244,7 @@ def run(artifact, reference, conversations: int = len(CONVERSATIONS), steps: int
 
     manifest = open_artifact(artifact).manifest
     model = DeepseekVL2.from_checkpoint(reference)
-    base = measure(artifact, model, conversations, steps, threads)
+    base = measure(artifact, model, conversations, steps, threads, held_routing=True)
     doc = {"artifact": str(artifact), "reference": str(reference), "steps": steps, "conversations": conversations,
            "quantization": manifest["quantization"], "summary": base["summary"],
            "per_conversation": base["conversations"], "stages": {}}
@@ -234,6 +271,11 @@ def table(doc: dict) -> str:
     if s["expert_mismatch_by_layer"]:
         lines.append("expert selection mismatch by layer: " + ", ".join(
             f"{k}: {v:.3f}" for k, v in s["expert_mismatch_by_layer"].items()))
+    if "held_routing" in s:
+        h = s["held_routing"]
+        lines.append(f"with the reference's expert choices held: worst logit cosine {h['worst_cosine']:.6f}  mean "
+                     f"{h['mean_cosine']:.6f}  top-1 agreement {h['top1_agreement']:.3f}  (the rest of the error "
+                     f"is the choices that flip)")
     if doc["stages"]:
         lines.append(f"{'stage made exact':<18}{'worst cos':>11}{'mean err':>11}{'top-1':>8}{'experts≠':>10}"
                      f"{'share of error':>16}")

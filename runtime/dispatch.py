@@ -83,10 +83,21 @@ def route(logits: np.ndarray, cfg: RoutingConfig, correction_bias: np.ndarray | 
         idx = _within_groups(choice, top2.sum(axis=-1), cfg)
     else:
         raise ValueError(f"unknown topk_method {cfg.method!r}")
-    weights = np.take_along_axis(scores, idx, axis=1)
+    return idx.astype(np.int64), _weights(scores, idx, cfg)
+
+
+def _weights(scores: np.ndarray, idx: np.ndarray, cfg: RoutingConfig) -> np.ndarray:
+    weights = np.take_along_axis(scores, idx, axis=1)  # VL2's selection bias only picks; the weights are unbiased
     if cfg.top_k > 1 and cfg.norm_topk_prob:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
-    return idx.astype(np.int64), (weights * cfg.routed_scaling_factor).astype(np.float32)
+    return (weights * cfg.routed_scaling_factor).astype(np.float32)
+
+
+def weights_of(logits: np.ndarray, idx: np.ndarray, cfg: RoutingConfig) -> np.ndarray:
+    """The weights route() gives experts `idx` [T, k], whichever chose them (bench/fidelity.py holds the
+    reference's choices and weighs them with the artifact's own router logits)."""
+    logits = np.asarray(logits, dtype=np.float32)
+    return _weights(_softmax(logits) if cfg.scoring == "softmax" else _sigmoid(logits), idx, cfg)
 
 
 def expert_graph_inputs(idx: np.ndarray, weights: np.ndarray, num_experts: int, dtype=np.float32):

@@ -12,7 +12,7 @@ import torch
 from vl2edge.model.config import VL2Config
 from vl2edge.model.presets import preset_config
 from vl2edge.model.routing import route as torch_route
-from vl2edge.runtime.dispatch import ExpertCounts, RoutingConfig, expert_graph_inputs, route
+from vl2edge.runtime.dispatch import ExpertCounts, RoutingConfig, expert_graph_inputs, route, weights_of
 
 
 def lang(preset, **over):
@@ -75,6 +75,10 @@ def test_matches_reference_routing_on_random_logits(preset, over):
     np.testing.assert_array_equal(np.take_along_axis(idx, order, 1), np.take_along_axis(tidx.numpy(), torder, 1))
     np.testing.assert_allclose(np.take_along_axis(w, order, 1), np.take_along_axis(tw.numpy(), torder, 1),
                                rtol=1e-5, atol=1e-7)
+    # experts chosen elsewhere (the reference's, held by bench/fidelity.py) get the weights route() would give them
+    np.testing.assert_array_equal(weights_of(logits, idx, cfg), w)
+    other = np.argsort(logits, axis=1)[:, :cfg.top_k]  # the k worst: different experts, different weights
+    assert not np.allclose(weights_of(logits, other, cfg), w)
 
 
 def test_expert_graph_inputs_and_counts():
