@@ -381,9 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--head", default=None, choices=["int4", "int8"],
                    help="cpu: lm_head weights (default: --dense's). `--dense int4 --head int8` keeps the output "
                         "layer at int8, where int4 costs most of the accuracy (README, Precision)")
-    e.add_argument("--vision", default="int8", choices=["int8", "int8-dynamic"],
+    e.add_argument("--vision", default="auto", choices=["auto", "int8", "int8-dynamic"],
                    help="cpu: int8-dynamic runs the vision matmuls on int8 activations (~5x faster per matmul "
-                        "on AMX/VNNI) in the layers where export-time calibration shows it is accurate")
+                        "on AMX/VNNI) in the layers where export-time calibration shows it is accurate, int8 "
+                        "keeps fp32 activations; auto: int8-dynamic for int4 experts on cpu")
     e.add_argument("--block-size", type=int, default=None, choices=[32, 64, 128],
                    help="quantization block (default 64, or the largest smaller one dividing the model's dims)")
     e.add_argument("--kv-cache", default="auto", choices=["auto", "int8", "float"],
@@ -448,8 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--precisions", default=None, help="artifacts to export and measure, comma-separated: int4, "
                                                       "int8, fp32 (routed experts; other weights int8), "
                                                       "+ -dense4 (`export --dense int4`), -head8 (after -dense4: "
-                                                      "`--head int8`) and/or -vdyn (`--vision int8-dynamic`), "
-                                                      "e.g. int4-vdyn; default "
+                                                      "`--head int8`), -vdyn / -v8 (`--vision int8-dynamic` / "
+                                                      "`int8`), -kv8 / -kvf (`--kv-cache`), e.g. int4-v8; default "
                                                       "int4,int8; --quick int4")
     b.add_argument("--threads", type=int, default=None, help="intra-op threads, runtime and reference (default: "
                                                              "the usable cores)")

@@ -64,11 +64,12 @@ def checkpoint_key(ckpt: Path) -> str:
 
 # A bench precision names an export: the routed experts' kind, then "-dense4" when the language model's other
 # Linears and lm_head are int4 too (`vl2edge export --dense int4`; plain int4/int8 keep them int8), then "-head8" when
-# lm_head stays int8 all the same (`--head int8`, the memory plan for Small in README), then "-vdyn" when
-# the vision matmuls are int8-dynamic where calibration allows (`--vision int8-dynamic`), then "-kv8" / "-kvf" when
-# the KV cache is asked to be int8 / float instead of the exporter's auto choice (`--kv-cache`). E.g. "int4-vdyn".
+# lm_head stays int8 all the same (`--head int8`, the memory plan for Small in README), then "-vdyn" / "-v8" when
+# the vision matmuls are asked to be int8-dynamic / int8 (`--vision`) and "-kv8" / "-kvf" when the KV cache is asked
+# to be int8 / float (`--kv-cache`), instead of the exporter's auto choices. E.g. "int4-v8": int4 with the vision
+# tower of the int8 artifact.
 SUFFIXES = {"-dense4": ("dense", "int4"), "-head8": ("head", "int8"), "-vdyn": ("vision", "int8-dynamic"),
-            "-kv8": ("kv_cache", "int8"), "-kvf": ("kv_cache", "float")}
+            "-v8": ("vision", "int8"), "-kv8": ("kv_cache", "int8"), "-kvf": ("kv_cache", "float")}
 
 
 def export_options(precision: str) -> dict:
@@ -101,8 +102,9 @@ def precision_name(quantization: dict) -> str:
         name += "-dense4"
         if quantization.get("lm_head", {}).get("kind") == "int8":
             name += "-head8"
-    if "vision_dynamic" in quantization:
-        name += "-vdyn"
+    vision = quantization.get("vision", {}).get("asked", "auto")
+    if vision != "auto":
+        name += {"int8-dynamic": "-vdyn", "int8": "-v8"}[vision]
     kv = quantization.get("kv_cache", {})
     if kv.get("asked", "auto") != "auto":
         name += {"int8": "-kv8", "float": "-kvf"}[kv["kind"]]
@@ -116,6 +118,7 @@ def _matches(art: Path, ckpt: Path, precision: str, block_size: int, target: str
         return False
     q = m.get("quantization", {}).get("experts", {})
     return (m.get("format_version") == FORMAT_VERSION  # an older exporter's artifact is made again
+            and "asked" in m["quantization"].get("vision", {})  # as is one from before the vision default was auto
             and Path(m["source"]["checkpoint"]).resolve() == Path(ckpt).resolve()
             and precision_name(m["quantization"]) == precision
             and (q.get("block_size", block_size) == block_size or precision in ("fp32", "fp16"))

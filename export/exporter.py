@@ -29,9 +29,10 @@ Precision policy (recorded in the manifest):
                kernels stream 10-16 GB/s, compute-bound on unpacking, not on bytes. The embedding stays int8: one
                row is read per token, so fewer bits would save memory but no time.
        The vision tower stays INT8 whatever `dense` is: it runs at M = 729 rows per tile, compute-bound, where
-       fewer weight bytes buy no time. `vision="int8-dynamic"` (`--vision int8-dynamic`) runs its block Linears
-       as DynamicQuantizeMatMul where export/vision_calibration.py measures the per-tensor activation
-       quantization harmless on this checkpoint (recorded as quantization.vision_dynamic in the manifest).
+       fewer weight bytes buy no time. `vision="int8-dynamic"` (`--vision`; auto picks it with int4 experts)
+       runs its block Linears as DynamicQuantizeMatMul where export/vision_calibration.py measures the per-tensor
+       activation quantization harmless on this checkpoint (recorded as quantization.vision_dynamic in the
+       manifest, what was asked as quantization.vision.asked).
        With fp32 experts everything is fp32: the parity artifact.
   cuda target: fp16 I/O, fp16 non-expert weights (tensor-core GEMMs; int8 activations do not exist there),
        experts as asked (QMoE int4/int8 or fp16 MoE).
@@ -68,7 +69,7 @@ from .vision import build_vision_graph
 
 EXPERT_CHOICES = ("int4", "int8", "fp16", "fp32")
 DENSE_CHOICES = ("int4", "int8")
-VISION_CHOICES = ("int8", DYNAMIC)
+VISION_CHOICES = ("auto", "int8", DYNAMIC)
 KV_CACHE_CHOICES = ("auto", "int8", "float")
 COPIED_FILES = ("config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json")
@@ -158,13 +159,28 @@ def choose_kv_cache(kv_cache: str, cfg: VL2Config, target: str, experts: str) ->
     return kv_cache
 
 
+def choose_vision(vision: str, target: str, experts: str, plan: dict) -> str:
+    """The vision Linears' form: "int8" (the plan's precision as it is; fp16/fp32 where the plan says so) or
+    int8-dynamic (where calibration allows, export/vision_calibration.py). auto: int8-dynamic for the int4 CPU
+    artifact, the speed-first one, like the KV cache (the vision tower is most of its time to first token; the
+    fidelity it costs is in README, Precision policy), int8 otherwise."""
+    if vision not in VISION_CHOICES:
+        raise ExportError(f"--vision {vision!r}: choose one of {VISION_CHOICES}")
+    if vision == "auto":
+        return DYNAMIC if target == "cpu" and experts == "int4" else "int8"
+    if vision == DYNAMIC and (target != "cpu" or plan["vision"].kind != "int8"):
+        raise ExportError("--vision int8-dynamic is for --target cpu with quantized experts (its op, "
+                          "DynamicQuantizeMatMul, is a CPU kernel with fp32 I/O)")
+    return vision
+
+
 def _partial_dirs(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.partial-*"))
 
 
 def export(src, out, experts: str = "int4", block_size: int | None = None, target: str = "cpu", force: bool = False,
            max_len: int | None = None, progress: bool = True, revision: str | None = None,
-           dense: str | None = None, head: str | None = None, vision: str = "int8", kv_cache: str = "auto",
+           dense: str | None = None, head: str | None = None, vision: str = "auto", kv_cache: str = "auto",
            stage_precision: dict[str, Precision] | None = None) -> Path:
     """stage_precision: per-stage overrides of the precision plan, keys STAGES (the fidelity tool,
     bench/fidelity.py, exports variants with one stage at fp32 to attribute the error); recorded in the manifest."""
@@ -173,11 +189,7 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
     from tqdm import tqdm
 
     plan = precision_plan(experts, block_size or DEFAULT_BLOCK_SIZE, target, dense, head)  # bad requests: first
-    if vision not in VISION_CHOICES:
-        raise ExportError(f"--vision {vision!r}: choose one of {VISION_CHOICES}")
-    if vision == DYNAMIC and (target != "cpu" or plan["vision"].kind != "int8"):
-        raise ExportError("--vision int8-dynamic is for --target cpu with quantized experts (its op, "
-                          "DynamicQuantizeMatMul, is a CPU kernel with fp32 I/O)")
+    vision_asked, vision = vision, choose_vision(vision, target, experts, plan)
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists (use --force to replace it)")
@@ -260,7 +272,8 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
             "source": {"checkpoint": str(ckpt.dir), "config": cfg.raw},
             "target": target,
             "io_dtype": np.dtype(io_dtype).name,
-            "quantization": {k: p.describe() for k, p in plan.items()}
+            "quantization": {k: p.describe() | ({"asked": vision_asked} if k == "vision" else {})
+                             for k, p in plan.items()}
             | {"kv_cache": {"kind": kv_cache, "asked": kv_asked}, "routing": {"form": routing_form}}
             | ({"vision_dynamic": calibration} if calibration else {})
             | ({"mla_absorbed": mla_absorb.INT8_DESCRIPTION} if L.use_mla and mla_absorb.quantized_form(

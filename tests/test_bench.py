@@ -203,8 +203,14 @@ def test_dense4_precision_is_its_own_cached_artifact(bench_run, test_checkpoints
     assert export_options("int4-dense4") == {"experts": "int4", "dense": "int4"}
     assert export_options("int8") == {"experts": "int8"}
     assert export_options("int4-dense4-vdyn") == {"experts": "int4", "dense": "int4", "vision": "int8-dynamic"}
-    assert precision_name({"experts": {"kind": "int4"}, "linear": {"kind": "int4"}, "vision_dynamic": {}}) == \
-        "int4-dense4-vdyn"
+    assert precision_name({"experts": {"kind": "int4"}, "linear": {"kind": "int4"},
+                           "vision": {"kind": "int8", "asked": "int8-dynamic"}}) == "int4-dense4-vdyn"
+    # int4's auto vision is int8-dynamic: the name says only what was asked besides auto
+    assert export_options("int4-v8-kv8") == {"experts": "int4", "vision": "int8", "kv_cache": "int8"}
+    assert precision_name({"experts": {"kind": "int4"}, "vision": {"kind": "int8", "asked": "int8"},
+                           "vision_dynamic": {}, "kv_cache": {"kind": "int8", "asked": "int8"}}) == "int4-v8-kv8"
+    assert precision_name({"experts": {"kind": "int4"}, "vision": {"kind": "int8", "asked": "auto"},
+                           "vision_dynamic": {}}) == "int4"
     assert export_options("int4-dense4-head8") == {"experts": "int4", "dense": "int4", "head": "int8"}
     assert precision_name({"experts": {"kind": "int4"}, "linear": {"kind": "int4"}, "lm_head": {"kind": "int8"}}) \
         == "int4-dense4-head8"
@@ -220,6 +226,16 @@ def test_dense4_precision_is_its_own_cached_artifact(bench_run, test_checkpoints
     assert precision_name(json.loads((art / "manifest.json").read_text())["quantization"]) == "int4"
     assert prepare_artifact(test_checkpoints["test-tiny"], "int4", 32, cache_dir=art.parent.parent,
                             progress=False) == art
+    # an artifact from before the vision default was auto (no "asked" record) is made again, not reused as "int4"
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["quantization"]["vision"]["asked"] == "auto" and "vision_dynamic" in manifest["quantization"]
+    del manifest["quantization"]["vision"]["asked"]
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    before = (art / "manifest.json").stat().st_mtime_ns
+    assert prepare_artifact(test_checkpoints["test-tiny"], "int4", 32, cache_dir=art.parent.parent,
+                            progress=False) == art
+    assert (art / "manifest.json").stat().st_mtime_ns != before
+    assert json.loads((art / "manifest.json").read_text())["quantization"]["vision"]["asked"] == "auto"
 
 
 def test_cli_parses_bench_options():
