@@ -121,7 +121,9 @@ def weight_read_rates(artifact: str, prof: dict) -> dict:
         "moe:MatMulNBits": b["shared_experts"],
         "mlp:MatMulNBits": b["dense_mlp"],
         "attention:MatMulNBits": attn_proj,
-        "attention:GroupQueryAttention": prof["context"] * L.cache_elements_per_token * 4,
+        # the cache at its stored width (int8 since the int8 KV cache; the manifest says), not fp32
+        "attention:GroupQueryAttention": prof["context"] * m["attention"].get(
+            "cache_bytes_per_token", L.cache_elements_per_token * 4),
     }
     out = {}
     for key, nbytes in per.items():

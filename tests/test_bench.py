@@ -511,3 +511,17 @@ def test_decode_is_measured_in_rounds_over_every_context_from_the_longest_down()
     assert starts == [96, 64, 32, 96, 64, 32]
     assert [e for e in eng.log if e[0] == "prefill"] == [("prefill", 0, 96), ("prefill", 35, 96)]
     assert [r["context"] for r in rows] == [32, 64, 96] and all(r["step_s"]["n"] == 2 * 2 for r in rows)
+
+
+def test_profile_counts_the_kv_cache_at_its_stored_width(bench_run):
+    """bench.profile's GB/s for GroupQueryAttention: an int8 cache is 1 byte per element, not fp32's 4."""
+    from vl2edge.bench.profile import weight_read_rates
+    from vl2edge.model.config import VL2Config
+
+    doc, _ = bench_run
+    art = doc["runtime"]["int4"]["artifact"]
+    m = json.loads((Path(art) / "manifest.json").read_text())
+    elements = VL2Config.from_dict(m["source"]["config"]).language.cache_elements_per_token
+    assert m["attention"]["cache"]["dtype"] == "int8"
+    rates = weight_read_rates(art, {"context": 100, "by_graph_op_us": {"attention:GroupQueryAttention": 10.0}})
+    assert rates["attention:GroupQueryAttention"]["bytes_per_step"] == 100 * elements
