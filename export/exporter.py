@@ -202,6 +202,8 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
             print(f"block size {block_size} ({why}; --block-size sets it)", file=sys.stderr)
         plan = precision_plan(experts, block_size, target, dense, head)
     plan = with_stage_overrides(plan, stage_precision)
+    if vision == DYNAMIC and vision_asked == "auto" and plan["vision"].kind != "int8":
+        vision = "int8"  # a stage override made vision exact (bench/fidelity.py): nothing left to make dynamic
     if plan["experts"].bits and L.n_routed_experts:
         for what, k in _block_dims(L).items():
             if k % block_size:  # QMoE quantizes along K in whole blocks

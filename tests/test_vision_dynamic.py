@@ -108,6 +108,10 @@ def test_dynamic_vision_artifact_tracks_the_reference(test_checkpoints, tmp_path
         q = json.loads((export(src, tmp_path / "auto", block_size=32, progress=False, force=True, **kwargs)
                         / "manifest.json").read_text())["quantization"]
         assert ("vision_dynamic" in q) == dynamic and q["vision"]["asked"] == kwargs.get("vision", "auto")
+    # auto under an fp32 vision override (the fidelity tool's exact-stage variant) leaves the tower fp32
+    q = json.loads((export(src, tmp_path / "auto", block_size=32, progress=False, force=True,
+                           stage_precision={"vision": Precision("fp32")}) / "manifest.json").read_text())["quantization"]
+    assert "vision_dynamic" not in q and q["vision"]["kind"] == "fp32"
     with pytest.raises(ExportError, match="int8-dynamic is for --target cpu"):
         export(src, tmp_path / "c", experts="int4", block_size=32, target="cuda", vision="int8-dynamic",
                progress=False)
