@@ -2,7 +2,9 @@
 
 Graphs: vision (SigLIP + projector), embedding, per layer an attention graph (with the router logits) and an MLP
 graph (dense layer 0, or routed + shared experts), head. See each builder's docstring for its I/O contract and
-manifest.py for the manifest.
+manifest.py for the manifest. The vision tower is also written in parts (runs of blocks, VISION_PART_BYTES of
+weights each) that point into vision.onnx's data file, so they add no bytes: `--low-memory` encodes an image
+beside the loaded language model one part at a time.
 
 Streaming: tensors are read one at a time from the memory-mapped safetensors and each graph is written before the
 next is built, so peak memory is about one graph's weights (the largest: the vision tower, or Small's MoE layer).
@@ -159,6 +161,22 @@ def choose_kv_cache(kv_cache: str, cfg: VL2Config, target: str, experts: str) ->
     return kv_cache
 
 
+# Weight bytes per part of the split vision tower (graphs.vision_parts): what `--low-memory` holds beside the language
+# model while it encodes an image, instead of dropping the language model for the whole tower (0.43 GB at int8).
+# 64 MiB: 4 of SigLIP-so400m's int8 blocks per part, 7 parts.
+VISION_PART_BYTES = 64 * 2**20
+
+
+def vision_parts(cfg: VL2Config, prec: Precision) -> list[range]:
+    """The tower's blocks cut into runs of at most VISION_PART_BYTES of weights (at least one block each); one run
+    when the whole tower fits."""
+    v = cfg.vision
+    per_block = (4 * v.width * v.width + 2 * v.width * v.mlp_hidden) * (prec.bits or np.dtype(
+        np.float16 if prec.kind == "fp16" else np.float32).itemsize * 8) // 8
+    n = max(1, VISION_PART_BYTES // per_block)
+    return [range(a, min(a + n, v.layers)) for a in range(0, v.layers, n)]
+
+
 def choose_vision(vision: str, target: str, experts: str, plan: dict) -> str:
     """The vision Linears' form: "int8" (the plan's precision as it is; fp16/fp32 where the plan says so) or
     int8-dynamic (where calibration allows, export/vision_calibration.py). auto: int8-dynamic for the int4 CPU
@@ -223,11 +241,12 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
         get = lambda name: ckpt.tensor(name, torch.float32).numpy()  # noqa: E731
         report = QualityReport()
         graphs, layers = {}, []
-        steps = 3 + 2 * L.num_hidden_layers
+        n_parts = len(vision_parts(cfg, plan["vision"]))
+        steps = 3 + 2 * L.num_hidden_layers + (n_parts if n_parts > 1 else 0)
         bar = tqdm(total=steps, desc=f"export {experts}/{target}", unit="graph", disable=not progress)
 
-        def save(g, name):
-            g.save(tmp / f"{name}.onnx")
+        def save(g, name, **how):
+            g.save(tmp / f"{name}.onnx", **how)
             ckpt.close()  # unmap what this graph read
             bar.update()
             return graph_entry(g, f"{name}.onnx")
@@ -239,8 +258,14 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
             calibration = {"max_error": vision_calibration.MAX_ERROR, "dynamic": len(dynamic), "of": len(errors),
                            "errors": {k: round(v, 5) for k, v in errors.items()}}
             ckpt.close()
-        graphs["vision"] = save(build_vision_graph(cfg, get, plan["vision"], io_dtype, report, dynamic=dynamic),
-                                "vision")
+        tower = build_vision_graph(cfg, get, plan["vision"], io_dtype, report, dynamic=dynamic)
+        graphs["vision"] = save(tower, "vision", record=True)
+        parts = vision_parts(cfg, plan["vision"])
+        if n_parts > 1:  # the same weights again, as graphs that point into vision.onnx.data: no bytes added
+            graphs["vision_parts"] = [
+                save(build_vision_graph(cfg, get, plan["vision"], io_dtype, dynamic=dynamic, blocks=r),
+                     f"vision_part{j:02d}", stored=tower.written) for j, r in enumerate(parts)]
+        del tower
         graphs["embedding"] = save(build_embedding_graph(cfg, get(EMBED_KEY), plan["embedding"], io_dtype, report),
                                    "embedding")
         calibration_kv = KVCalibration(cfg, get, ckpt.dir) if kv_cache == "int8" else None

@@ -14,7 +14,9 @@ Top-level keys:
   attention                kind ("mha_gqa" | "mla_latent_matmul" (fp32) | "mla_absorbed_gqa" (fp16)), max_len, cache
                            (per-layer buffers, their dtype: the io dtype, or int8 (MHA) / uint8 (MLA) codes with
                            their calibration), bytes/token
-  graphs                   vision, embedding, head: {file, inputs, outputs}; layers: [{attention, mlp, moe}]
+  graphs                   vision, embedding, head: {file, inputs, outputs}; layers: [{attention, mlp, moe}];
+                           vision_parts (optional; a runtime that ignores it runs vision.onnx as before): the tower
+                           as runs of blocks whose weights are vision.onnx.data's own (exporter.VISION_PART_BYTES)
   image_tokens             safetensors file with image_newline and view_seperator
   quality_report           per tensor kind: relative error and cosine of the quantized weights
   files                    {name: {sha256, bytes}} for every other file of the directory

@@ -7,6 +7,7 @@ contrib ops, weights in a `<graph>.onnx.data` side file (memory-mapped at load; 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -108,28 +109,41 @@ class GraphBuilder:
         m.ir_version = IR_VERSION
         return m
 
-    def save(self, path: str | Path, inline_below: int = 1024) -> Path:
+    def save(self, path: str | Path, inline_below: int = 1024, stored: dict | None = None,
+             record: bool = False) -> Path:
         """Write `path`, with every initializer of `inline_below` bytes or more streamed into `path.name + '.data'`
         (ONNX external data). Each weight goes from its numpy array straight to the file: no protobuf copy of the
         weights is ever built (onnx's own save_as_external_data would hold them all in memory twice). Offsets are
-        page-aligned so ONNX Runtime can memory-map them."""
+        page-aligned so ONNX Runtime can memory-map them.
+        stored: the `written` record of an earlier save into the same directory; an initializer with the same
+        dtype, shape and bytes as one written there points at it instead of being written again (the vision parts
+        share the vision graph's data file). record: keep that record of this save's own external initializers in
+        `self.written` (both cost a hash of the bytes, so only the graphs that share pay it)."""
         path = Path(path)
         data_name = path.name + ".data"
-        tensors, offset = [], 0
+        tensors, offset, self.written = [], 0, {}
         with open(path.parent / data_name, "wb") as f:
             for name, a in self._arrays:
                 if a.nbytes < inline_below:
                     tensors.append(numpy_helper.from_array(a, name))
                     continue
-                offset = -(-offset // ALIGN) * ALIGN
-                f.seek(offset)
-                f.write(memoryview(a.reshape(-1)).cast("B"))
+                key = (a.dtype.str, a.shape, hashlib.sha1(memoryview(a.reshape(-1)).cast("B")).hexdigest()) \
+                    if stored is not None or record else None
+                if stored and key in stored:
+                    location, at = stored[key]
+                else:
+                    offset = -(-offset // ALIGN) * ALIGN
+                    f.seek(offset)
+                    f.write(memoryview(a.reshape(-1)).cast("B"))
+                    location, at = data_name, offset
+                    if record:
+                        self.written[key] = (location, at)
+                    offset += a.nbytes
                 t = TensorProto(name=name, data_type=NP_TO_ONNX[a.dtype], dims=list(a.shape),
                                 data_location=TensorProto.EXTERNAL)
-                for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(a.nbytes))):
+                for k, v in (("location", location), ("offset", str(at)), ("length", str(a.nbytes))):
                     t.external_data.add(key=k, value=v)
                 tensors.append(t)
-                offset += a.nbytes
         if offset == 0:
             (path.parent / data_name).unlink()
         onnx.save_model(self._model(tensors), str(path))

@@ -68,6 +68,7 @@ from .onnx_builder import MS_DOMAIN, GraphBuilder
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "image_embeds"
 BATCH_DIM = "tiles"
+PART_INPUT, PART_OUTPUT = "tokens", "tokens_out"  # between the parts of a split tower
 LN_EPS = 1e-6
 ATTENTION_KINDS = ("mha", "plain")
 
@@ -174,10 +175,14 @@ def projector(g: GraphBuilder, x: str, get, cfg: VL2Config, prec: LinearPrecisio
 
 def build_vision_graph(cfg: VL2Config, weights: WeightSource, prec: Precision, io_dtype=np.float32,
                        report: QualityReport | None = None, attention: str = "mha",
-                       dynamic: frozenset[str] = frozenset()) -> GraphBuilder:
+                       dynamic: frozenset[str] = frozenset(), blocks: range | None = None) -> GraphBuilder:
     """The vision + projector graph (see the module docstring). `attention`: "mha" (default) | "plain".
     `dynamic`: names of block Linears ("vision.blocks.3.mlp.fc1") emitted as int8-dynamic instead of `prec`
-    (export/vision_calibration.py chooses them); the projector always uses `prec`."""
+    (export/vision_calibration.py chooses them); the projector always uses `prec`.
+    blocks: a part of the tower (all blocks by default): the patch embedding only when it starts at 0, the final
+    norm and the projector only when it ends at the last block; between parts the tokens [tiles, 729, width] flow
+    as PART_INPUT / PART_OUTPUT. The parts in order compute what the whole graph does (the engine runs them one
+    session at a time where the language model must stay loaded: runtime/engine.py encode_images)."""
     if dynamic:
         block_prec = lambda hint: Precision(DYNAMIC) if hint in dynamic else prec  # noqa: E731
     else:
@@ -190,22 +195,31 @@ def build_vision_graph(cfg: VL2Config, weights: WeightSource, prec: Precision, i
     v = cfg.vision
     if v.width % v.heads:
         raise ValueError(f"vision width {v.width} is not a multiple of heads {v.heads}")
+    blocks = range(v.layers) if blocks is None else blocks
+    if not (0 <= blocks.start < blocks.stop <= v.layers and blocks.step == 1):
+        raise ValueError(f"blocks {blocks} is not a run of the tower's {v.layers} blocks")
     get = _getter(weights)
     s = v.image_size
     g = GraphBuilder("vision")
-    px = g.input(INPUT_NAME, io_dtype, [BATCH_DIM, 3, s, s])
+    if blocks.start == 0:
+        px = g.input(INPUT_NAME, io_dtype, [BATCH_DIM, 3, s, s])
+        # patch embed: Conv -> [n, C, 27, 27] -> [n, C, 729] -> [n, 729, C] (row-major over the grid) + pos_embed
+        w = g.const("vision.patch_embed.proj.weight", get("vision.patch_embed.proj.weight").astype(io_dtype))
+        b = g.const("vision.patch_embed.proj.bias", get("vision.patch_embed.proj.bias").astype(io_dtype))
+        x = g.op("Conv", [px, w, b], hint="vision.patch_embed", kernel_shape=[v.patch_size] * 2,
+                 strides=[v.patch_size] * 2)
+        x = g.op("Reshape", [x, g.const("vision.patch_flat_shape", _i64(0, v.width, -1))], hint="vision.patch_flat")
+        x = g.op("Transpose", [x], perm=[0, 2, 1], hint="vision.patch_tokens")
+        x = g.op("Add", [x, g.const("vision.pos_embed", get("vision.pos_embed").astype(io_dtype))],
+                 hint="vision.pos")
+    else:
+        x = g.input(PART_INPUT, io_dtype, [BATCH_DIM, v.grid * v.grid, v.width])
 
-    # patch embed: Conv -> [n, C, 27, 27] -> [n, C, 729] -> [n, 729, C] (row-major over the grid) + pos_embed
-    w = g.const("vision.patch_embed.proj.weight", get("vision.patch_embed.proj.weight").astype(io_dtype))
-    b = g.const("vision.patch_embed.proj.bias", get("vision.patch_embed.proj.bias").astype(io_dtype))
-    x = g.op("Conv", [px, w, b], hint="vision.patch_embed", kernel_shape=[v.patch_size] * 2,
-             strides=[v.patch_size] * 2)
-    x = g.op("Reshape", [x, g.const("vision.patch_flat_shape", _i64(0, v.width, -1))], hint="vision.patch_flat")
-    x = g.op("Transpose", [x], perm=[0, 2, 1], hint="vision.patch_tokens")
-    x = g.op("Add", [x, g.const("vision.pos_embed", get("vision.pos_embed").astype(io_dtype))], hint="vision.pos")
-
-    for i in range(v.layers):
+    for i in blocks:
         x = vision_block(g, x, get, i, v.width, v.heads, block_prec, io_dtype, attention, report)
+    if blocks.stop < v.layers:
+        g.output(x, PART_OUTPUT, io_dtype, [BATCH_DIM, v.grid * v.grid, v.width])
+        return g
     x = layer_norm(g, x, get, "vision.norm", io_dtype)
 
     y = projector(g, x, get, cfg, prec, io_dtype, report)

@@ -36,6 +36,7 @@ class Artifact:
     def graph_files(self) -> list[str]:
         g = self.manifest["graphs"]
         files = [g["vision"]["file"], g["embedding"]["file"], g["head"]["file"]]
+        files += [p["file"] for p in g.get("vision_parts", [])]
         for layer in g["layers"]:
             files += [layer["attention"]["file"], layer["mlp"]["file"]]
         return files

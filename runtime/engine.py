@@ -143,9 +143,10 @@ class Engine:
         resident only while images are encoded, at the price of loading it again for every image. The language
         model's sessions are then created at first use, after the first images (load_language).
         vision_alone (with transient_vision): images that come once the language model is loaded (a later turn, a
-        second request) are encoded with its sessions released (release_language) and recreated at the next
-        forward, so the two graphs are never resident together in a session either, at the price of reloading the
-        language model after each such image. The KV cache is the engine's own buffers and keeps its contents.
+        second request) never have the whole tower resident beside it. Where the artifact has the tower in parts
+        (graphs.vision_parts, export/exporter.py VISION_PART_BYTES), they run one session at a time and the language
+        model stays; otherwise its sessions are released (release_language) and recreated at the next forward, at
+        the price of that reload per image. The KV cache is the engine's own buffers and keeps its contents.
         arena=False (CPU): the language model's sessions allocate activations without an arena, and malloc returns
         large blocks to the OS when they are freed (return_large_blocks, process-wide): a lower peak over long
         conversations, at the price of page faults on every large buffer (load(low_memory=True) uses it)."""
@@ -171,6 +172,7 @@ class Engine:
             else self._opts
         g = m["graphs"]
         self._vision_file = g["vision"]["file"]
+        self._vision_parts = [p["file"] for p in g.get("vision_parts", [])]
         self.transient_vision = transient_vision
         self.vision_alone = vision_alone
         self.vision = None if transient_vision else self._session(self._vision_file)
@@ -242,7 +244,7 @@ class Engine:
         malloc_trim()
 
     def _session(self, file: str) -> ort.InferenceSession:
-        opts = self._vision_opts if file == self._vision_file else self._opts
+        opts = self._vision_opts if file == self._vision_file or file in self._vision_parts else self._opts
         try:
             session = ort.InferenceSession(str(self.artifact.path(file)), sess_options=opts,
                                            providers=self.providers)
@@ -297,14 +299,23 @@ class Engine:
         speed, while the shared arena keeps the largest run's activations: measured on real-dims Tiny int4, 4 tiles
         in 3.81 s/tile at batch 1 vs 3.91 at batch 4, RSS after them 2.61 vs 2.81 GiB."""
         batch = batch or (4 if self.provider == "cuda" else 1)
-        if self.vision_alone:
+        in_parts = self.vision_alone and bool(self._vision_parts) and self.embedding is not None
+        if self.vision_alone and not in_parts:
             self.release_language()
         t0 = time.perf_counter()
-        vision = self.vision or self._session(self._vision_file)  # transient: loaded here, released on return
-        outs = [vision.run(None, {"pixel_values": pixel_values[i:i + batch].astype(self.io_dtype)})[0]
-                for i in range(0, len(pixel_values), batch)]
-        del vision
-        if self.vision is None:
+        outs = [pixel_values[i:i + batch].astype(self.io_dtype) for i in range(0, len(pixel_values), batch)]
+        if in_parts:  # beside the loaded language model, one part of the tower at a time
+            for file in self._vision_parts:
+                part = self._session(file)
+                name = part.get_inputs()[0].name
+                outs = [part.run(None, {name: x})[0] for x in outs]
+                del part
+                malloc_trim()
+        else:
+            vision = self.vision or self._session(self._vision_file)  # transient: loaded here, released on return
+            outs = [vision.run(None, {"pixel_values": x})[0] for x in outs]
+            del vision
+        if self.vision is None and not in_parts:
             # The released session's weights and activations sit in glibc's free lists, still resident. Measured on
             # real-dims Tiny int4 (5 tiles, then a 3.9k prefill and 16 steps): RSS at the end 2.68 GB with this,
             # 3.05 GB without.

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from PIL import Image
 
@@ -445,6 +446,45 @@ def test_vision_alone_releases_the_language_model_for_a_later_image_and_the_conv
     assert eng.length == resident.length == 2 * len(inp.input_ids) + 2
     np.testing.assert_array_equal(first[0], first[1])
     np.testing.assert_array_equal(np.array(steps[0]), np.array(steps[1]))
+    np.testing.assert_array_equal(second[0], second[1])
+
+
+def test_a_tower_in_parts_encodes_a_later_image_beside_the_loaded_language_model(test_checkpoints, tmp_path,
+                                                                                  monkeypatch):
+    """graphs.vision_parts: the tower cut into runs of blocks (here one block each) whose initializers point into
+    vision.onnx.data (no bytes added), computing exactly what vision.onnx does. vision_alone's engine then encodes an
+    image that comes after the language model is loaded with one part's session at a time and keeps the language
+    model (no release, no reload), and the conversation equals a resident engine's."""
+    import vl2edge.export.exporter as exporter
+
+    monkeypatch.setattr(exporter, "VISION_PART_BYTES", 1)
+    art = export(test_checkpoints["test-tiny"], tmp_path / "parts", experts="int4", block_size=32, progress=False)
+    m = json.loads((art / "manifest.json").read_text())
+    parts = [p["file"] for p in m["graphs"]["vision_parts"]]
+    layers = VL2Config.from_dict(m["source"]["config"]).vision.layers
+    assert len(parts) == layers and all(p in m["files"] for p in parts)
+    assert sorted(f.name for f in art.glob("vision*.data")) == ["vision.onnx.data"]
+    tiles = np.random.default_rng(0).uniform(-1, 1, (2, 3, 384, 384)).astype(np.float32)
+    whole = ort.InferenceSession(str(art / "vision.onnx"), providers=["CPUExecutionProvider"])
+    x = tiles
+    for p in parts:
+        sess = ort.InferenceSession(str(art / p), providers=["CPUExecutionProvider"])
+        x = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    np.testing.assert_array_equal(x, whole.run(None, {"pixel_values": tiles})[0])
+
+    inp = prompt(test_checkpoints, "test-tiny")
+    resident, eng = Engine(art), Engine(art, transient_vision=True, vision_alone=True)
+    first = [e.prefill(e.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop))
+             for e in (resident, eng)]
+    events = []
+    real_session = Engine._session
+    monkeypatch.setattr(Engine, "_session", lambda self, file: events.append(file) or real_session(self, file))
+    monkeypatch.setattr(Engine, "release_language",
+                        lambda self, real=Engine.release_language: events.append("language released") or real(self))
+    second = [e.prefill(e.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop))
+              for e in (resident, eng)]
+    assert events == parts  # nothing released, nothing else made again
+    np.testing.assert_array_equal(first[0], first[1])
     np.testing.assert_array_equal(second[0], second[1])
 
 
