@@ -419,6 +419,16 @@ def test_transient_vision_loads_the_language_model_after_the_images(test_checkpo
     assert resident.layers and resident.embedding is not None  # the default loads everything up front
 
 
+def record_sessions_and_releases(monkeypatch) -> list[str]:
+    """From now on, every session an Engine makes (its file) and every release of its language model, in order."""
+    events = []
+    real_session = Engine._session
+    monkeypatch.setattr(Engine, "_session", lambda self, file: events.append(file) or real_session(self, file))
+    monkeypatch.setattr(Engine, "release_language",
+                        lambda self, real=Engine.release_language: events.append("language released") or real(self))
+    return events
+
+
 def test_vision_alone_releases_the_language_model_for_a_later_image_and_the_conversation_goes_on(
         test_checkpoints, artifacts, monkeypatch):
     """Engine(vision_alone=True), low_memory's engine: an image that comes after the language model is loaded is
@@ -433,11 +443,7 @@ def test_vision_alone_releases_the_language_model_for_a_later_image_and_the_conv
     first = [e.prefill(e.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop))
              for e in (resident, eng)]
     steps = [[e.decode(t) for t in (5, 7)] for e in (resident, eng)]
-    events = []
-    real_session = Engine._session
-    monkeypatch.setattr(Engine, "_session", lambda self, file: events.append(file) or real_session(self, file))
-    monkeypatch.setattr(Engine, "release_language",
-                        lambda self, real=Engine.release_language: events.append("language released") or real(self))
+    events = record_sessions_and_releases(monkeypatch)
     second = [e.prefill(e.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop))
               for e in (resident, eng)]
     vision_file = eng.artifact.manifest["graphs"]["vision"]["file"]
@@ -476,11 +482,7 @@ def test_a_tower_in_parts_encodes_a_later_image_beside_the_loaded_language_model
     resident, eng = Engine(art), Engine(art, transient_vision=True, vision_alone=True)
     first = [e.prefill(e.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop))
              for e in (resident, eng)]
-    events = []
-    real_session = Engine._session
-    monkeypatch.setattr(Engine, "_session", lambda self, file: events.append(file) or real_session(self, file))
-    monkeypatch.setattr(Engine, "release_language",
-                        lambda self, real=Engine.release_language: events.append("language released") or real(self))
+    events = record_sessions_and_releases(monkeypatch)
     second = [e.prefill(e.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop))
               for e in (resident, eng)]
     assert events == parts  # nothing released, nothing else made again
