@@ -241,8 +241,8 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
         get = lambda name: ckpt.tensor(name, torch.float32).numpy()  # noqa: E731
         report = QualityReport()
         graphs, layers = {}, []
-        n_parts = len(vision_parts(cfg, plan["vision"]))
-        steps = 3 + 2 * L.num_hidden_layers + (n_parts if n_parts > 1 else 0)
+        parts = vision_parts(cfg, plan["vision"])
+        steps = 3 + 2 * L.num_hidden_layers + (len(parts) if len(parts) > 1 else 0)
         bar = tqdm(total=steps, desc=f"export {experts}/{target}", unit="graph", disable=not progress)
 
         def save(g, name, **how):
@@ -260,8 +260,7 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
             ckpt.close()
         tower = build_vision_graph(cfg, get, plan["vision"], io_dtype, report, dynamic=dynamic)
         graphs["vision"] = save(tower, "vision", record=True)
-        parts = vision_parts(cfg, plan["vision"])
-        if n_parts > 1:  # the same weights again, as graphs that point into vision.onnx.data: no bytes added
+        if len(parts) > 1:  # the same weights again, as graphs that point into vision.onnx.data: no bytes added
             graphs["vision_parts"] = [
                 save(build_vision_graph(cfg, get, plan["vision"], io_dtype, dynamic=dynamic, blocks=r),
                      f"vision_part{j:02d}", stored=tower.written) for j, r in enumerate(parts)]
