@@ -10,14 +10,23 @@ ORT op in pack.py uses.
 
   symmetric   zp is implicit and equal to 2^(bits-1) (8 for 4-bit, 128 for 8-bit). That is the default zero point
               of MatMulNBits, QMoE and uint8 GatherBlockQuantized, so symmetric weights need no zero-point input.
-              scale = absmax / (2^(bits-1) - 1): the grid is -7..7 (4-bit) / -127..127 (8-bit) around zp, both
-              +absmax and -absmax are exact, and code 0 (= -2^(bits-1)) is never produced by RTN.
+              8-bit: scale = absmax / 127, the grid -127..127 around zp; +absmax and -absmax are both exact and
+              code 0 (-128) is never produced. Keeping -128 out matters: u8 x s8 integer kernels (VNNI's vpmaddubsw
+              pairs) saturate at 255 * -128 * 2, and 1/128 of the step would buy almost nothing.
+              2- and 4-bit: the block's largest-magnitude weight m is put on the far end of the uneven grid
+              -2^(bits-1)..2^(bits-1)-1, scale = m / -2^(bits-1) (negative when m > 0), as ORT's own MLAS Q4
+              quantizer and llama.cpp's Q4_0 do. At 4 bits that is 16 levels instead of 15: the step is absmax/8,
+              not absmax/7, and the relative RMS error of Gaussian blocks of 32 / 64 / 128 falls from 9.7 / 10.8 /
+              11.7 % to 8.6 / 9.5 / 10.3 % (Laplace, Student-t(3): the same ~12 %). The price is on the other side
+              of zero: a weight near -m there lands on code 2^(bits-1)-1 and can be off by up to |scale|, not
+              |scale| / 2.
   asymmetric  range [lo, hi] = [min(w, 0), max(w, 0)] per block, scale = (hi - lo) / (2^bits - 1),
               zp = round(-lo / scale) clipped to the code range. The range must contain 0 because an unsigned zp
               in [0, 2^bits-1] can only describe grids that contain 0.
 
-With round-to-nearest (RTN) both give |w - dequant(w)| <= scale / 2 for every element (asymmetric: the rounded zp
-shifts the grid by at most scale/2, and values clipped at the edge move by at most that shift).
+With round-to-nearest (RTN), asymmetric and 8-bit symmetric give |w - dequant(w)| <= scale / 2 for every element
+(asymmetric: the rounded zp shifts the grid by at most scale/2, and values clipped at the edge move by at most that
+shift); 2/4-bit symmetric gives <= |scale| / 2 on the side of m and <= |scale| on the other.
 
 K not a multiple of block_size: the last block is padded with zeros for the statistics. Zeros never widen the
 range (absmax, and lo <= 0 <= hi), so padding does not change any scale; the returned codes are [.., K] again.
@@ -90,9 +99,12 @@ def _blocked(x: np.ndarray, block: int, fill=0) -> np.ndarray:
 
 
 def _scale_and_zero_point(lo, hi, bits: int, symmetric: bool, scale_dtype):
-    """Per-block (scale, zp) for the range [lo, hi] (lo <= 0 <= hi); zp is a float array in both modes."""
+    """Per-block (scale, zp) for the range [lo, hi] (lo <= 0 <= hi); zp is a float array in both modes. The scale
+    is negative for a 2/4-bit symmetric block whose largest-magnitude weight is positive."""
     qmax = (1 << bits) - 1
-    if symmetric:
+    if symmetric and bits < 8:  # the signed extreme onto code 0 (= -2^(bits-1) around zp); see the module docstring
+        scale = np.where(-lo >= hi, lo, hi) / -(1 << (bits - 1))
+    elif symmetric:
         scale = np.maximum(-lo, hi) / ((1 << (bits - 1)) - 1)
     else:
         scale = (hi - lo) / qmax

@@ -260,6 +260,7 @@ def test_ort_matmulnbits(bits, block_size, symmetric):
     m, n, k = 3, 24, 200  # odd K: partial last block
     w, a = gaussian((n, k), 6), gaussian((m, k), 7)
     qt = quantize_blockwise(w, bits=bits, block_size=block_size, symmetric=symmetric)
+    assert (qt.scales < 0).any() == (symmetric and bits < 8)  # 4-bit symmetric: blocks whose extreme is > 0
     b, scales, zp = pack_matmulnbits(qt)
     consts = {"B": b, "scales": scales} | ({} if zp is None else {"zero_points": zp})
     inputs = ["A", "B", "scales"] + ([] if zp is None else ["zero_points"])
@@ -315,6 +316,7 @@ def run_qmoe(problem, bits, block_size, symmetric, with_router_weights=True, acc
     x, logits, gate, up, down = problem
     fc1 = quantize_blockwise(interleave_gate_up(gate, up), bits=bits, block_size=block_size, symmetric=symmetric)
     fc2 = quantize_blockwise(down, bits=bits, block_size=block_size, symmetric=symmetric)
+    assert (fc1.scales < 0).any() == (symmetric and bits < 8)  # the kernels must take negative 4-bit scales
     (w1, s1, z1), (w2, s2, z2) = pack_qmoe(fc1), pack_qmoe(fc2)
     inputs = ["x", "router_probs", "fc1_w", "fc1_s", "", "fc2_w", "fc2_s", "", "", "", "", "", "", ""]
     consts = {"fc1_w": w1, "fc1_s": s1, "fc2_w": w2, "fc2_s": s2}
@@ -370,6 +372,7 @@ def test_ort_gather_block_quantized(bits, block_size, symmetric):
     v, d = 40, 200  # partial last block; 7 blocks of 32 (odd count: the packed zero points end in half a byte)
     table = gaussian((v, d), 15)
     qt = quantize_blockwise(table, bits=bits, block_size=block_size, symmetric=symmetric)
+    assert (qt.scales < 0).any() == (symmetric and bits < 8)
     data, scales, zp = pack_gather(qt)
     indices = np.array([[0, 7, 39], [3, -1, 40]], np.int64)  # -1 = last row; 40 is out of range -> zeros
     consts = {"data": data, "scales": scales} | ({} if zp is None else {"zero_points": zp})
