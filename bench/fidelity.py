@@ -9,7 +9,8 @@ by step however early a near-tie flips a greedy choice. Per step: cosine and rel
 whether the top-1 tokens agree. Per MoE layer: the rate at which the artifact's expert selection (the set of top-k
 experts of a token) differs from the reference's, over every prompt and answer token. Then once more with the
 reference's expert choices held (the artifact weighs them with its own router logits): what error is left is the
-quantized arithmetic's, the difference is what flipped expert choices cost.
+quantized arithmetic's, the difference is what flipped expert choices cost. And the yardstick: the reference itself
+in bf16, the dtype the model is released in, fed the same tokens (`--no-bf16` skips it).
 
 --stages attributes the error: the checkpoint is exported again once per quantized stage with that one stage at
 fp32 (vision, embedding, attention, dense_mlp, shared_experts, experts, lm_head; "activations": every int8/int4
@@ -81,9 +82,10 @@ class _SelectionRecorder:
         return {layer: np.concatenate(v) for layer, v in self.idx.items()}
 
 
-def reference_run(model, inp, steps: int, device: str | None = None):
+def reference_run(model, inp, steps: int, device: str | None = None, forced: list[int] | None = None):
     """The reference's greedy answer: (tokens [steps], logits [steps, V], selections {moe layer: [tokens, k]}).
-    device: where the model is (`model.to(device)`); the inputs made from numpy are created there too."""
+    device: where the model is (`model.to(device)`); the inputs made from numpy are created there too.
+    forced: answer tokens to feed instead of the model's own (teacher forcing; `steps` is then their number)."""
     import torch
 
     sel: dict[int, list[np.ndarray]] = {}
@@ -98,14 +100,16 @@ def reference_run(model, inp, steps: int, device: str | None = None):
             logits = [model(inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop,
                             cache=cache, all_logits=False)[0, -1].float().cpu().numpy()]
             tokens = [int(logits[-1].argmax())]
-            for _ in range(steps - 1):
-                x = model.language.model.embed_tokens(torch.tensor([[tokens[-1]]]))
+            for step in range(steps - 1):
+                fed = tokens[-1] if forced is None else forced[step]
+                x = model.language.model.embed_tokens(torch.tensor([[fed]]))
                 logits.append(model.language(x, cache, all_logits=False)[0, -1].float().cpu().numpy())
                 tokens.append(int(logits[-1].argmax()))
     finally:
         for h in hooks:
             h.remove()
-    return tokens, np.stack(logits), {i: np.concatenate(v) for i, v in sel.items()}
+    selections = {i: np.concatenate(v) for i, v in sel.items()}
+    return (tokens if forced is None else list(forced)), np.stack(logits), selections
 
 
 class _HeldRouting:
@@ -236,8 +240,30 @@ def variant_overrides(manifest: dict) -> dict[str, dict]:
     return out
 
 
+def bf16_yardstick(reference, artifact, references: list, model=None) -> dict:
+    """The same comparison for the reference itself with bf16 weights (the dtype DeepSeek-VL2 is released and run
+    in), fed the fp32 reference's tokens: how far the official model's own precision is from fp32 on this checkpoint.
+    A near-tie-dense router (sigmoid routing, weights normalized and scaled 2.0) flips expert choices under bf16 too,
+    so this is the floor an artifact's distance is to be read against. `model`: the bf16 model, if already loaded."""
+    import torch
+
+    from ..model.vl2 import DeepseekVL2
+    from ..runtime.processor import Processor
+
+    if model is None:
+        model = DeepseekVL2.from_checkpoint(reference, dtype=torch.bfloat16)
+    inputs = prepared_conversations(Processor.from_dir(artifact), len(references))
+    per_conv = []
+    for inp, (tokens, ref_logits, ref_sel) in zip(inputs, references, strict=True):
+        _, logits, sel = reference_run(model, inp, len(tokens), forced=tokens)
+        per_conv.append(compare(ref_logits, logits, ref_sel, sel))
+    return summarize(per_conv)
+
+
 def run(artifact, reference, conversations: int = len(CONVERSATIONS), steps: int = STEPS, stages: bool = False,
-        threads: int | None = None, work_dir=None, progress: bool = True) -> dict:
+        threads: int | None = None, work_dir=None, progress: bool = True, bf16: bool = True) -> dict:
+    """bf16: also measure the reference in bf16 against the fp32 one (`bf16_yardstick`; loads the checkpoint a
+    second time, after the fp32 model is dropped)."""
     from ..export.exporter import export
     from ..model.vl2 import DeepseekVL2
     from ..runtime.artifact import open_artifact
@@ -258,6 +284,11 @@ def run(artifact, reference, conversations: int = len(CONVERSATIONS), steps: int
                 s["share_of_error"] = (1 - s["mean_error"] / base["summary"]["mean_error"]
                                        if base["summary"]["mean_error"] > 0 else 0.0)
                 doc["stages"][stage] = s
+    if bf16:
+        del model  # one reference in memory at a time
+        if progress:
+            print("the reference in bf16, fed the same tokens", file=sys.stderr)
+        doc["summary"]["bf16_reference"] = bf16_yardstick(reference, artifact, base["references"])
     return doc
 
 
@@ -276,6 +307,11 @@ def table(doc: dict) -> str:
         lines.append(f"with the reference's expert choices held: worst logit cosine {h['worst_cosine']:.6f}  mean "
                      f"{h['mean_cosine']:.6f}  top-1 agreement {h['top1_agreement']:.3f}  (the rest of the error "
                      f"is the choices that flip)")
+    if "bf16_reference" in s:
+        b = s["bf16_reference"]
+        lines.append(f"the reference itself in bf16 (its released dtype), same tokens: worst logit cosine "
+                     f"{b['worst_cosine']:.6f}  mean {b['mean_cosine']:.6f}  top-1 agreement {b['top1_agreement']:.3f}  "
+                     f"expert selection differs {b['expert_mismatch_mean']:.3f}")
     if doc["stages"]:
         lines.append(f"{'stage made exact':<18}{'worst cos':>11}{'mean err':>11}{'top-1':>8}{'experts≠':>10}"
                      f"{'share of error':>16}")
@@ -296,12 +332,15 @@ def main(argv=None) -> int:
                    metavar=f"1..{len(CONVERSATIONS)}")
     p.add_argument("--stages", action="store_true", help="attribute the error to each quantized stage (exports one "
                                                          "variant per stage into a temporary directory)")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip measuring the reference in bf16 "
+                                                                           "(it loads the checkpoint once more)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write the full document here")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be at least 1")
-    doc = run(args.artifact, args.reference, args.conversations, args.steps, args.stages, args.threads)
+    doc = run(args.artifact, args.reference, args.conversations, args.steps, args.stages, args.threads,
+              bf16=args.bf16)
     print(table(doc))
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")

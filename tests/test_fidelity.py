@@ -99,3 +99,39 @@ def test_vl2_routing_error_is_attributed_to_the_routed_experts(exported, referen
     assert stages["experts"]["share_of_error"] > 0.5
     assert max(stages, key=lambda k: stages[k]["share_of_error"]) == "experts"
     assert stages["experts"]["expert_mismatch_mean"] < base["expert_mismatch_mean"]
+
+
+def test_forced_reference_run_is_one_forward_over_the_whole_sequence(references, exported):
+    """reference_run(forced=...) feeds the given tokens, not its own: its logits equal one forward pass of the
+    model over prompt + those tokens (an independent path: no cache reuse, all positions at once)."""
+    import numpy as np
+    import torch
+
+    from vl2edge.runtime.processor import Processor
+
+    model = references["test-tiny"]
+    inp = fidelity.prepared_conversations(Processor.from_dir(exported("test-tiny", "fp32")), 1)[0]
+    own, own_logits, _ = fidelity.reference_run(model, inp, 5)
+    forced = [(t + 7) % model.cfg.language.vocab_size for t in own]  # not what the model would choose
+    got, logits, sel = fidelity.reference_run(model, inp, 5, forced=forced)
+    assert got == forced and not np.allclose(logits[1:], own_logits[1:])
+    np.testing.assert_array_equal(logits[0], own_logits[0])  # the prompt's step does not depend on the answer
+    ids = np.concatenate([np.asarray(inp.input_ids).reshape(-1), forced[:-1]])
+    mask = np.concatenate([np.asarray(inp.images_seq_mask).reshape(-1), np.zeros(4, bool)])
+    with torch.inference_mode():
+        whole = model(ids, inp.pixel_values, mask, inp.images_spatial_crop)[0, -5:].numpy()
+    np.testing.assert_allclose(logits, whole, rtol=1e-4, atol=1e-4)
+    assert all(len(v) == inp.seq_len + 4 for v in sel.values())
+
+
+def test_bf16_yardstick_is_measured_and_reported(exported, references, test_checkpoints, capsys):
+    """The reference in bf16 is a distance of its own: not zero (its logits and expert choices move), far smaller
+    than int4's on the same checkpoint, and printed beside the artifact's."""
+    art = exported("test-vl2", "int4")
+    doc = fidelity.run(art, test_checkpoints["test-vl2"], conversations=3, steps=8, progress=False)
+    b, s = doc["summary"]["bf16_reference"], doc["summary"]
+    assert 0.99 < b["worst_cosine"] < 1.0 and b["mean_error"] < s["mean_error"] / 5
+    assert set(b["expert_mismatch_by_layer"]) == set(s["expert_mismatch_by_layer"])
+    assert "the reference itself in bf16" in fidelity.table(doc)
+    assert "bf16_reference" not in fidelity.run(art, test_checkpoints["test-vl2"], conversations=1, steps=2,
+                                                progress=False, bf16=False)["summary"]
