@@ -119,6 +119,8 @@ def _matches(art: Path, ckpt: Path, precision: str, block_size: int, target: str
     q = m.get("quantization", {}).get("experts", {})
     return (m.get("format_version") == FORMAT_VERSION  # an older exporter's artifact is made again
             and "asked" in m["quantization"].get("vision", {})  # as is one from before the vision default was auto
+            and all("grid" in d for d in m["quantization"].values()  # and one from before the 16-level int4 grid
+                    if isinstance(d, dict) and d.get("kind") == "int4")
             and Path(m["source"]["checkpoint"]).resolve() == Path(ckpt).resolve()
             and precision_name(m["quantization"]) == precision
             and (q.get("block_size", block_size) == block_size or precision in ("fp32", "fp16"))

@@ -41,8 +41,14 @@ class Precision:
         if self.kind == DYNAMIC:
             return {**d, "weights": "int8 per output channel, symmetric", "activations": "uint8 per tensor, dynamic"}
         if self.bits:
-            d.update(block_size=self.block_size, accuracy_level=self.accuracy_level, symmetric=True)
+            d.update(block_size=self.block_size, accuracy_level=self.accuracy_level, symmetric=True,
+                     grid=GRIDS[self.bits])
         return d
+
+
+# The symmetric code grids quant/blockwise.py writes (around the ops' default zero point 2^(bits-1)), recorded in the
+# manifest: artifacts exported before the 4-bit grid took its 16th level have no record.
+GRIDS = {8: "-127..127, scale = absmax / 127", 4: "-8..7, scale = the block's signed extreme / -8"}
 
 
 def emit_linear(g: GraphBuilder, x: str, weight: np.ndarray, prec: Precision, io_dtype, hint: str,

@@ -83,7 +83,8 @@ def test_runtime_record(bench_run):
     rt = doc["runtime"]["int4"]
     assert set(rt) == RUNTIME_KEYS
     assert rt["precision"] == "int4" and rt["quantization"]["experts"] == {
-        "kind": "int4", "block_size": 32, "accuracy_level": 4, "symmetric": True}
+        "kind": "int4", "block_size": 32, "accuracy_level": 4, "symmetric": True,
+        "grid": "-8..7, scale = the block's signed extreme / -8"}
     assert rt["ort_intra_op_spinning"] is False
     assert rt["artifact_bytes"] == sum(p.stat().st_size for p in Path(rt["artifact"]).iterdir())
     assert [v["size"] for v in rt["vision"]] == [list(s) for s in w.image_sizes]
@@ -236,6 +237,15 @@ def test_dense4_precision_is_its_own_cached_artifact(bench_run, test_checkpoints
                             progress=False) == art
     assert (art / "manifest.json").stat().st_mtime_ns != before
     assert json.loads((art / "manifest.json").read_text())["quantization"]["vision"]["asked"] == "auto"
+    # so is one from before the 4-bit grid used all 16 levels (no "grid" record on its int4 experts)
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["quantization"]["experts"]["grid"].startswith("-8..7")
+    del manifest["quantization"]["experts"]["grid"]
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    before = (art / "manifest.json").stat().st_mtime_ns
+    assert prepare_artifact(test_checkpoints["test-tiny"], "int4", 32, cache_dir=art.parent.parent,
+                            progress=False) == art
+    assert (art / "manifest.json").stat().st_mtime_ns != before
 
 
 def test_cli_parses_bench_options():

@@ -94,7 +94,8 @@ def test_manifest_describes_the_artifact(artifacts):
     art = open_artifact(artifacts["test-small", "int4"])
     m = art.manifest
     assert m["target"] == "cpu" and m["io_dtype"] == "float32"
-    assert m["quantization"]["experts"] == {"kind": "int4", "block_size": 32, "accuracy_level": 4, "symmetric": True}
+    assert m["quantization"]["experts"] == {"kind": "int4", "block_size": 32, "accuracy_level": 4, "symmetric": True,
+                                            "grid": "-8..7, scale = the block's signed extreme / -8"}
     assert m["quantization"]["linear"]["kind"] == "int8"
     assert m["quantization"]["routing"] == {"form": "weights"}  # cpu: mask + input 14, the CPU kernel's exact path
     assert m["attention"]["kind"] == "mla_latent_matmul"
