@@ -227,25 +227,23 @@ def test_dense4_precision_is_its_own_cached_artifact(bench_run, test_checkpoints
     assert precision_name(json.loads((art / "manifest.json").read_text())["quantization"]) == "int4"
     assert prepare_artifact(test_checkpoints["test-tiny"], "int4", 32, cache_dir=art.parent.parent,
                             progress=False) == art
+    def made_again_without(stage: str, record: str) -> dict:
+        """Drop one record from the cached manifest: the cache must export the artifact again (a new manifest)."""
+        manifest = json.loads((art / "manifest.json").read_text())
+        del manifest["quantization"][stage][record]
+        (art / "manifest.json").write_text(json.dumps(manifest))
+        before = (art / "manifest.json").stat().st_mtime_ns
+        assert prepare_artifact(test_checkpoints["test-tiny"], "int4", 32, cache_dir=art.parent.parent,
+                                progress=False) == art
+        assert (art / "manifest.json").stat().st_mtime_ns != before
+        return json.loads((art / "manifest.json").read_text())["quantization"]
+
     # an artifact from before the vision default was auto (no "asked" record) is made again, not reused as "int4"
-    manifest = json.loads((art / "manifest.json").read_text())
-    assert manifest["quantization"]["vision"]["asked"] == "auto" and "vision_dynamic" in manifest["quantization"]
-    del manifest["quantization"]["vision"]["asked"]
-    (art / "manifest.json").write_text(json.dumps(manifest))
-    before = (art / "manifest.json").stat().st_mtime_ns
-    assert prepare_artifact(test_checkpoints["test-tiny"], "int4", 32, cache_dir=art.parent.parent,
-                            progress=False) == art
-    assert (art / "manifest.json").stat().st_mtime_ns != before
-    assert json.loads((art / "manifest.json").read_text())["quantization"]["vision"]["asked"] == "auto"
+    q = json.loads((art / "manifest.json").read_text())["quantization"]
+    assert q["vision"]["asked"] == "auto" and "vision_dynamic" in q
+    assert made_again_without("vision", "asked")["vision"]["asked"] == "auto"
     # so is one from before the 4-bit grid used all 16 levels (no "grid" record on its int4 experts)
-    manifest = json.loads((art / "manifest.json").read_text())
-    assert manifest["quantization"]["experts"]["grid"].startswith("-8..7")
-    del manifest["quantization"]["experts"]["grid"]
-    (art / "manifest.json").write_text(json.dumps(manifest))
-    before = (art / "manifest.json").stat().st_mtime_ns
-    assert prepare_artifact(test_checkpoints["test-tiny"], "int4", 32, cache_dir=art.parent.parent,
-                            progress=False) == art
-    assert (art / "manifest.json").stat().st_mtime_ns != before
+    assert made_again_without("experts", "grid")["experts"]["grid"].startswith("-8..7")
 
 
 def test_cli_parses_bench_options():
