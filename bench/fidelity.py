@@ -240,18 +240,17 @@ def variant_overrides(manifest: dict) -> dict[str, dict]:
     return out
 
 
-def bf16_yardstick(reference, artifact, references: list, model=None) -> dict:
+def bf16_yardstick(reference, artifact, references: list) -> dict:
     """The same comparison for the reference itself with bf16 weights (the dtype DeepSeek-VL2 is released and run
     in), fed the fp32 reference's tokens: how far the official model's own precision is from fp32 on this checkpoint.
     A near-tie-dense router (sigmoid routing, weights normalized and scaled 2.0) flips expert choices under bf16 too,
-    so this is the floor an artifact's distance is to be read against. `model`: the bf16 model, if already loaded."""
+    so this is the floor an artifact's distance is to be read against."""
     import torch
 
     from ..model.vl2 import DeepseekVL2
     from ..runtime.processor import Processor
 
-    if model is None:
-        model = DeepseekVL2.from_checkpoint(reference, dtype=torch.bfloat16)
+    model = DeepseekVL2.from_checkpoint(reference, dtype=torch.bfloat16)
     inputs = prepared_conversations(Processor.from_dir(artifact), len(references))
     per_conv = []
     for inp, (tokens, ref_logits, ref_sel) in zip(inputs, references, strict=True):
