@@ -311,6 +311,9 @@ def table(doc: dict) -> str:
         lines.append(f"the reference itself in bf16 (its released dtype), same tokens: worst logit cosine "
                      f"{b['worst_cosine']:.6f}  mean {b['mean_cosine']:.6f}  top-1 agreement {b['top1_agreement']:.3f}  "
                      f"expert selection differs {b['expert_mismatch_mean']:.3f}")
+        if b["mean_error"] > 0:
+            lines.append(f"the artifact's mean logit error (1 - cosine) is {s['mean_error'] / b['mean_error']:.1f}x "
+                         f"the bf16 reference's")
     if doc["stages"]:
         lines.append(f"{'stage made exact':<18}{'worst cos':>11}{'mean err':>11}{'top-1':>8}{'experts≠':>10}"
                      f"{'share of error':>16}")

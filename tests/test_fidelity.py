@@ -133,6 +133,8 @@ def test_bf16_yardstick_is_measured_and_reported(exported, references, test_chec
     b, s = doc["summary"]["bf16_reference"], doc["summary"]
     assert 0.99 < b["worst_cosine"] < 1.0 and b["mean_error"] < s["mean_error"] / 5
     assert set(b["expert_mismatch_by_layer"]) == set(s["expert_mismatch_by_layer"])
-    assert "the reference itself in bf16" in fidelity.table(doc)
+    printed = fidelity.table(doc)
+    assert "the reference itself in bf16" in printed
+    assert f"is {s['mean_error'] / b['mean_error']:.1f}x the bf16 reference's" in printed
     assert "bf16_reference" not in fidelity.run(art, test_checkpoints["test-vl2"], conversations=1, steps=2,
                                                 progress=False, bf16=False)["summary"]
