@@ -51,11 +51,17 @@ def test_the_fp32_artifact_is_exact_under_the_tool(exported, references, preset)
     assert len(first["cosine"]) == 6 and first["selections"] == first["prompt_tokens"] + 5
 
 
-def test_held_routing_splits_the_int8_error_of_test_vl2(exported, references):
+def test_held_routing_splits_the_int8_error_of_test_vl2(exported, references, test_checkpoints):
     """With the reference's expert choices held, test-vl2's int8 artifact meets the int8 policy: what it misses by
     is the choices its error flips, not its arithmetic. Holding must change the run (every choice then agrees and
-    the error shrinks), so the test fails if the held choices are not used."""
-    s = fidelity.measure(exported("test-vl2", "int8"), references["test-vl2"], held_routing=True)["summary"]
+    the error shrinks), so the test fails if the held choices are not used. Against the bf16 reference, which flips
+    choices too, its mean error is as small a multiple as on the presets that meet the policy (measured 4.3x;
+    test-tiny 4.7x, test-small 5.4x)."""
+    art = exported("test-vl2", "int8")
+    doc = fidelity.measure(art, references["test-vl2"], held_routing=True)
+    s = doc["summary"]
+    bf16 = fidelity.bf16_yardstick(test_checkpoints["test-vl2"], art, doc["references"])
+    assert bf16["expert_mismatch_mean"] > 0 and s["mean_error"] < 6 * bf16["mean_error"], (s, bf16)
     held = s["held_routing"]
     assert s["expert_mismatch_mean"] > 0 and held["expert_mismatch_mean"] == 0.0
     assert held["mean_error"] < s["mean_error"] and held["worst_cosine"] > s["worst_cosine"]
