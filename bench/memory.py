@@ -77,7 +77,9 @@ VARIANTS: dict[str, dict] = {
     "transient_vision": {"transient_vision": True},
     "no_prepack+transient_vision": {"entries": {"session.disable_prepacking": "1"}, "transient_vision": True},
     # load(low_memory=True); prefill_chunk None: the model's low-memory chunk (runtime.api.low_memory_chunk_size)
-    "low_memory": {"transient_vision": True, "vision_alone": True, "arena": False, "prefill_chunk": None},
+    "low_memory": {"transient_vision": True, "vision_alone": True, "shrink_arena": True, "prefill_chunk": None},
+    # the low-memory mode before stop 22: no arena, malloc's threshold at 1 MiB (runtime.engine.return_large_blocks)
+    "low_memory_no_arena": {"transient_vision": True, "vision_alone": True, "arena": False, "prefill_chunk": None},
 }
 
 
@@ -113,7 +115,7 @@ def _probe_child(artifact: str, variant: str, threads: int | None, vision: bool,
     t0 = time.perf_counter()
     eng = ProbeEngine(artifact, provider="cpu", threads=threads, verify="size",
                       transient_vision=v.get("transient_vision", False), vision_alone=v.get("vision_alone", False),
-                      arena=v.get("arena", True))
+                      arena=v.get("arena", True), shrink_arena=v.get("shrink_arena", False))
     load_s = time.perf_counter() - t0
     steps["loaded"] = rss()
     malloc_trim()

@@ -70,10 +70,9 @@ def load(path: str | Path, provider: str | None = None, threads: int | None = No
     images, its load time added to every image's vision time); official_pixels: open images as the official
     pipeline does (no EXIF rotation, alpha dropped instead of composited over white; runtime.images);
     low_memory: transient_vision, the language model loaded after the first images and released while later images
-    are encoded (Engine vision_alone), so vision and language are never resident together, the language model's
-    activations without an arena and large blocks returned to the OS when freed (Engine arena=False; process-wide
-    malloc policy), and smaller prefill chunks by default (low_memory_chunk_size: 256 tokens on Tiny, 128 on
-    Small): the lowest peak RSS (real-dims
+    are encoded (Engine vision_alone), so vision and language are never resident together, the activations' arena
+    given back after every prefill chunk (Engine shrink_arena), and smaller prefill chunks by default
+    (low_memory_chunk_size: 256 tokens on Tiny, 128 on Small): the lowest peak RSS (real-dims
     Tiny INT4, one 640x480 image + 3.9k tokens: README), at the price of a slower prefill, a vision load per image
     and a language-model load after each image that comes once the conversation has started.
     Raises ArtifactError (a ValueError) for a missing, corrupt or mismatched artifact, ValueError for a bad option.
@@ -85,7 +84,7 @@ def load(path: str | Path, provider: str | None = None, threads: int | None = No
     art = open_artifact(path, verify=verify)
     try:
         engine = Engine(art, provider=provider, threads=threads, transient_vision=transient_vision or low_memory,
-                        vision_alone=low_memory, arena=not low_memory)
+                        vision_alone=low_memory, shrink_arena=low_memory)
     except ValueError:
         raise
     except Exception as e:  # onnxruntime's own errors for a graph it cannot load

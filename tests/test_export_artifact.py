@@ -210,22 +210,54 @@ def test_transient_vision_has_its_own_arena(artifacts, test_checkpoints):
     np.testing.assert_array_equal(transient.prefill(transient.embed(*args)), resident.prefill(resident.embed(*args)))
 
 
-def test_low_memory_engine_has_no_arena_and_returns_large_blocks(artifacts, test_checkpoints):
-    """Engine(arena=False), the low-memory mode: no CPU arena in the language model's sessions (nor the shared one),
-    malloc's large-block policy set (glibc, which CI runs on), and the results of an engine with the arena."""
-    from vl2edge.runtime.api import load
+def test_engine_without_arena_returns_large_blocks(artifacts, test_checkpoints):
+    """Engine(arena=False): no CPU arena in the language model's sessions (nor the shared one), malloc's large-block
+    policy set (glibc, which CI runs on), and the results of an engine with the arena."""
     from vl2edge.runtime.engine import return_large_blocks
 
     inp = prompt(test_checkpoints, "test-tiny")
     args = (inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop)
-    low = load(artifacts["test-tiny", "int4"], low_memory=True).engine
-    assert low.arena is False and low._opts.enable_cpu_mem_arena is False
+    bare = Engine(artifacts["test-tiny", "int4"], arena=False)
+    assert bare.arena is False and bare._opts.enable_cpu_mem_arena is False
     with pytest.raises(RuntimeError):  # the entry that routes sessions to the shared arena is absent
-        low._opts.get_session_config_entry("session.use_env_allocators")
+        bare._opts.get_session_config_entry("session.use_env_allocators")
     assert return_large_blocks() is True
     usual = Engine(artifacts["test-tiny", "int4"])
     assert usual.arena is True and usual._opts.enable_cpu_mem_arena is True
-    np.testing.assert_array_equal(low.prefill(low.embed(*args)), usual.prefill(usual.embed(*args)))
+    np.testing.assert_array_equal(bare.prefill(bare.embed(*args)), usual.prefill(usual.embed(*args)))
+    with pytest.raises(ValueError, match="shrink_arena needs the arena"):
+        Engine(artifacts["test-tiny", "int4"], arena=False, shrink_arena=True)
+
+
+def test_low_memory_engine_gives_the_arena_back_after_each_prefill_chunk(artifacts, test_checkpoints):
+    """load(low_memory=True): the shared arena, shrunk by the last run of every prefill chunk (the head's) and never
+    by a decode step, with the results of an engine that keeps it."""
+    from vl2edge.runtime.api import load
+
+    inp = prompt(test_checkpoints, "test-tiny")
+    args = (inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop)
+    low = load(artifacts["test-tiny", "int4"], low_memory=True).engine
+    assert low.arena is True and low._opts.get_session_config_entry("session.use_env_allocators") == "1"
+    assert low._shrink_after_chunk.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+    embeds = low.embed(*args)  # encodes the image, then loads the language model
+    head, given = low.head, []
+
+    class RecordingHead:
+        def io_binding(self):
+            return head.io_binding()
+
+        def run_with_iobinding(self, binding, run_options=None):
+            given.append(run_options)
+            head.run_with_iobinding(binding, run_options)
+
+    low.head = RecordingHead()
+    chunks = -(-len(embeds) // 16)
+    got = [low.prefill(embeds, chunk_size=16), low.decode(7), low.decode(8)]
+    assert chunks > 1 and given == [low._shrink_after_chunk] * chunks + [None, None]
+    usual = Engine(artifacts["test-tiny", "int4"])
+    want = [usual.prefill(usual.embed(*args), chunk_size=16), usual.decode(7), usual.decode(8)]
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_dense_int4_quantizes_the_other_linears_and_still_tracks_the_reference(test_checkpoints, artifacts,
