@@ -166,13 +166,14 @@ class Engine:
         self.max_len = int(m["attention"]["max_len"])
         self.providers, self.provider = resolve_providers(provider)
         self.device = "cuda" if self.provider == "cuda" else "cpu"  # where a step's hidden states live
-        self.arena = arena or self.provider != "cpu"
-        if not self.arena or shrink_arena:
-            return_large_blocks()
         if shrink_arena and not arena:
             raise ValueError("shrink_arena needs the arena (arena=True)")
+        self.arena = arena or self.provider != "cpu"
+        shrink_arena = shrink_arena and self.provider == "cpu"  # the CPU arena; a CUDA engine keeps its own
+        if not self.arena or shrink_arena:
+            return_large_blocks()
         self._shrink_after_chunk = None  # the RunOptions of a prefill chunk's last run
-        if shrink_arena and self.provider == "cpu":
+        if shrink_arena:
             self._shrink_after_chunk = ort.RunOptions()
             self._shrink_after_chunk.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self._opts = self._session_options(threads, spin, arena="none" if not self.arena else
