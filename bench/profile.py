@@ -4,8 +4,8 @@
   python -m vl2edge.bench.profile ARTIFACT --context 0 --chunk 512 --steps 3      # a prefill chunk instead
 
 Opens the runtime's Engine with SessionOptions.enable_profiling on every session, fills the cache to --context
-with filler tokens, runs --steps decode steps, and keeps only the node events inside the last --steps runs of
-each session (the prefill's runs are dropped). Prints, per step: time per op type and per graph kind (attention,
+with filler tokens, runs --warmup then --steps decode steps, and keeps only the node events inside the last
+--steps runs of each session (the prefill's and the warm-up's runs are dropped). Prints, per step: time per op type and per graph kind (attention,
 mlp, moe, head, embedding), the sum of kernel time against the step's wall time (the rest is ORT's per-run
 overhead and our Python), and for the weight-reading ops the bytes they read per step and the rate that implies.
 """
@@ -44,10 +44,11 @@ def _decode_events(profile: Path, runs: int) -> list[dict]:
 
 
 def profile_decode(artifact: str, context: int = 512, steps: int = 16, threads: int | None = 2,
-                   keep: bool = False, chunk: int = 1) -> dict:
+                   keep: bool = False, chunk: int = 1, warmup: int = 4) -> dict:
     """chunk 1: decode steps; chunk > 1: `steps` prefill chunks of that many tokens, each appended at `context`
-    (the cache is rewound between them). keep: leave ORT's raw profile files (one JSON per session) in the
-    returned profile_dir."""
+    (the cache is rewound between them). warmup: steps run first and left out, so that the measured ones do not
+    pay for first touches (weights of experts the prefill did not route to, arena growth). keep: leave ORT's raw
+    profile files (one JSON per session) in the returned profile_dir."""
     from ..runtime.engine import Engine
     from ..runtime.processor import Processor
     from .workload import filler_ids
@@ -66,10 +67,10 @@ def profile_decode(artifact: str, context: int = 512, steps: int = 16, threads: 
 
     eng = ProfilingEngine(artifact, provider="cpu", threads=threads, verify="size")
     proc = Processor.from_dir(artifact)
-    fill = filler_ids(proc.encode, context + max(chunk, 1))
+    fill = filler_ids(proc.encode, context + max(chunk, 1) + warmup)
     logits = eng.prefill(eng.embed(fill[:context]), 512)
     walls = []
-    for _ in range(steps):
+    for _ in range(warmup + steps):  # only the last `steps` runs of each session are read below
         if chunk > 1:
             eng.truncate(context)
             x = eng.embed(fill[context:context + chunk])
@@ -80,6 +81,7 @@ def profile_decode(artifact: str, context: int = 512, steps: int = 16, threads: 
             t0 = time.perf_counter()
             logits = eng.decode(tok)
         walls.append(time.perf_counter() - t0)
+    walls = walls[warmup:]
     eng.load_language()
     sessions = [eng.embedding, eng.head] + [s for layer in eng.layers for s in (layer.attention, layer.mlp)]
     by_op, by_graph, by_node = defaultdict(float), defaultdict(float), defaultdict(float)
@@ -95,7 +97,8 @@ def profile_decode(artifact: str, context: int = 512, steps: int = 16, threads: 
     if not keep:
         shutil.rmtree(tmp, ignore_errors=True)
     wall_us = float(np.median(walls)) * 1e6
-    return {"artifact": artifact, "context": context, "steps": steps, "chunk": chunk, "threads": threads,
+    return {"artifact": artifact, "context": context, "steps": steps, "warmup": warmup, "chunk": chunk,
+            "threads": threads, "cache_length": eng.length,
             "step_wall_us_median": wall_us, "step_wall_us_mean": float(np.mean(walls)) * 1e6,
             "kernel_us_per_step": sum(by_op.values()),
             "by_op_us": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
@@ -140,15 +143,16 @@ def main(argv=None) -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--chunk", type=int, default=1, help="1: decode steps; N > 1: prefill chunks of N tokens")
+    ap.add_argument("--warmup", type=int, default=4, help="steps run first and left out of the figures")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--keep", action="store_true", help="keep ORT's raw profile files")
     a = ap.parse_args(argv)
-    prof = profile_decode(a.artifact, a.context, a.steps, a.threads, a.keep, a.chunk)
+    prof = profile_decode(a.artifact, a.context, a.steps, a.threads, a.keep, a.chunk, a.warmup)
     w = prof["step_wall_us_median"]
     what = "decode" if a.chunk == 1 else f"prefill chunk of {a.chunk}"
-    print(f"{what} @{a.context}: step {w / 1e3:.1f} ms (median of {a.steps}), ORT kernels "
-          f"{prof['kernel_us_per_step'] / 1e3:.1f} ms ({100 * prof['kernel_us_per_step'] / w:.0f}%)")
+    print(f"{what} @{a.context}: step {w / 1e3:.1f} ms (median of {a.steps}, after {a.warmup} left out), "
+          f"ORT kernels {prof['kernel_us_per_step'] / 1e3:.1f} ms ({100 * prof['kernel_us_per_step'] / w:.0f}%)")
     for title, d in (("by graph", prof["by_graph_us"]), ("by op", prof["by_op_us"]),
                      ("by graph:op", prof["by_graph_op_us"])):
         print(f"  {title}:")

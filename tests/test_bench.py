@@ -533,3 +533,15 @@ def test_profile_counts_the_kv_cache_at_its_stored_width(bench_run):
     assert m["attention"]["cache"]["dtype"] == "int8"
     rates = weight_read_rates(art, {"context": 100, "by_graph_op_us": {"attention:GroupQueryAttention": 10.0}})
     assert rates["attention:GroupQueryAttention"]["bytes_per_step"] == 100 * elements
+
+
+def test_profile_leaves_the_warmup_steps_out(bench_run):
+    """bench.profile runs --warmup steps first and reads only the last --steps runs of each session: the engine
+    decoded both, and every graph kind is in the per-step figures."""
+    from vl2edge.bench.profile import profile_decode
+
+    doc, _ = bench_run
+    prof = profile_decode(doc["runtime"]["int4"]["artifact"], context=16, steps=3, warmup=2)
+    assert prof["cache_length"] == 16 + 2 + 3 and prof["steps"] == 3 and prof["warmup"] == 2
+    assert {"attention", "moe", "mlp", "head", "embedding"} <= set(prof["by_graph_us"])
+    assert 0 < prof["kernel_us_per_step"] < prof["step_wall_us_median"] * 5
