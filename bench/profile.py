@@ -5,8 +5,8 @@
 
 Opens the runtime's Engine with SessionOptions.enable_profiling on every session, fills the cache to --context
 with filler tokens, runs --warmup then --steps decode steps, and keeps only the node events inside the last
---steps runs of each session (the prefill's and the warm-up's runs are dropped). Prints, per step: time per op type and per graph kind (attention,
-mlp, moe, head, embedding), the sum of kernel time against the step's wall time (the rest is ORT's per-run
+--steps runs of each session (the prefill's and the warm-up's runs are dropped). Prints, per step: time per op type
+and per graph kind (attention, mlp, moe, head, embedding), the sum of kernel time against the step's wall time (the rest is ORT's per-run
 overhead and our Python), and for the weight-reading ops the bytes they read per step and the rate that implies.
 """
 

@@ -201,9 +201,7 @@ def bench_runtime(artifact: str | Path, threads: int | None, provider: str | Non
         "ort_intra_op_spinning": model.engine._opts.get_session_config_entry("session.intra_op.allow_spinning") == "1",
         "transient_vision": transient_vision,
         "low_memory": low_memory,
-        # "shrunk per prefill chunk" (low_memory), "kept", or "none" (Engine(arena=False): large blocks returned)
-        "cpu_arena": ("none" if not model.engine.arena else
-                      "shrunk per prefill chunk" if model.engine._shrink_after_chunk is not None else "kept"),
+        "cpu_arena": model.engine.arena_policy,  # "kept", "shrunk per prefill chunk" (low_memory) or "none"
         "load_s": load_s,
     }
     loads = {"start": load_start}

@@ -207,6 +207,14 @@ class Engine:
         self._allocate_caches([tuple(s) for s in m["attention"]["cache"]["buffers_per_layer"]], len(g["layers"]))
         self.length = 0
 
+    @property
+    def arena_policy(self) -> str:
+        """How the language model's activations are allocated: "kept" (the arena), "shrunk per prefill chunk"
+        (shrink_arena) or "none" (arena=False)."""
+        if not self.arena:
+            return "none"
+        return "shrunk per prefill chunk" if self._shrink_after_chunk is not None else "kept"
+
     @staticmethod
     def _session_options(threads: int | None, spin: bool, arena: str) -> ort.SessionOptions:
         """arena: "shared" (the process-wide CPU arena, use_shared_cpu_arena), "own" (the session's own arena, freed
