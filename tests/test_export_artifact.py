@@ -178,6 +178,19 @@ def test_without_a_block_size_the_export_chooses_one_that_divides_and_says_so(te
     assert open_artifact(art).manifest["quantization"]["experts"]["block_size"] == 32
 
 
+def test_int4_export_of_a_sigmoid_routed_model_points_to_the_fidelity_tool():
+    """README, "Precision policy": int4 routed experts under VL2's sigmoid routing measured far from the model;
+    the export says so for VL2-routed configs only, and only for int4."""
+    from vl2edge.export.exporter import routing_precision_note
+    from vl2edge.model.presets import preset_config
+
+    cfg = {n: VL2Config.from_dict(preset_config(n)) for n in ("tiny", "small", "vl2", "test-vl2")}
+    assert "--experts int8" in routing_precision_note(cfg["vl2"], "int4")
+    assert "vl2edge.bench.fidelity" in routing_precision_note(cfg["test-vl2"], "int4")
+    assert routing_precision_note(cfg["vl2"], "int8") is None
+    assert routing_precision_note(cfg["tiny"], "int4") is None and routing_precision_note(cfg["small"], "int4") is None
+
+
 def test_engines_share_one_cpu_arena(artifacts, test_checkpoints):
     """Every CPU session allocates from the one arena registered on ORT's environment (runtime/engine.py: per-session
     arenas each kept their own high-water mark, +1.7 GB on real-dims Tiny). Registering it is once per process:

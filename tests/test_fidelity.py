@@ -13,13 +13,10 @@ import pytest
 from vl2edge.bench import fidelity
 from vl2edge.export.exporter import export
 from vl2edge.model.vl2 import DeepseekVL2
+from vl2edge.runtime.processor import Processor
 
 PRESETS = ("test-tiny", "test-small", "test-vl2")
-# The precision policy (README): worst logit cosine and top-1 agreement over 6 conversations x 32 teacher-forced
-# steps. Met on the softmax-routed presets; test-vl2 (sigmoid + correction-bias routing) is not there, nor is the
-# reference itself in bf16 (worst cosine 0.9977): its int8 error is expert-selection flips (README, "Precision
-# policy"), checked separately below.
-POLICY = {"int8": (0.999, 0.95), "int4": (0.99, 0.95)}
+POLICY = fidelity.POLICY  # README, "Precision policy"; fidelity.policy_verdict applies it
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +38,30 @@ def references(test_checkpoints):
     return {p: DeepseekVL2.from_checkpoint(test_checkpoints[p]) for p in PRESETS}
 
 
+@pytest.fixture(scope="module")
+def yardstick(exported, references, test_checkpoints):
+    """preset -> (the reference's runs over every conversation, the bf16 reference's summary against them): what
+    each artifact of a preset is compared with, measured once."""
+    cache = {}
+
+    def get(preset):
+        if preset not in cache:
+            art = exported(preset, "fp32")  # for its processor files only
+            inputs = fidelity.prepared_conversations(Processor.from_dir(art), len(fidelity.CONVERSATIONS))
+            runs = [fidelity.reference_run(references[preset], inp, fidelity.STEPS) for inp in inputs]
+            cache[preset] = runs, fidelity.bf16_yardstick(test_checkpoints[preset], art, runs)
+        return cache[preset]
+
+    return get
+
+
+def policy_of(exported, references, yardstick, preset, experts):
+    runs, bf16 = yardstick(preset)
+    s = fidelity.measure(exported(preset, experts), references[preset], references=runs, held_routing=True)["summary"]
+    s["bf16_reference"] = bf16
+    return fidelity.policy_verdict(s, experts), s
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_the_fp32_artifact_is_exact_under_the_tool(exported, references, preset):
     doc = fidelity.measure(exported(preset, "fp32"), references[preset], conversations=3, steps=6)
@@ -51,29 +72,59 @@ def test_the_fp32_artifact_is_exact_under_the_tool(exported, references, preset)
     assert len(first["cosine"]) == 6 and first["selections"] == first["prompt_tokens"] + 5
 
 
-def test_held_routing_splits_the_int8_error_of_test_vl2(exported, references, test_checkpoints):
-    """With the reference's expert choices held, test-vl2's int8 artifact meets the int8 policy: what it misses by
-    is the choices its error flips, not its arithmetic. Holding must change the run (every choice then agrees and
-    the error shrinks), so the test fails if the held choices are not used. Against the bf16 reference, which flips
-    choices too, its mean error is as small a multiple as on the presets that meet the policy (measured 4.3x;
-    test-tiny 4.7x, test-small 5.4x)."""
-    art = exported("test-vl2", "int8")
-    doc = fidelity.measure(art, references["test-vl2"], held_routing=True)
-    s = doc["summary"]
-    bf16 = fidelity.bf16_yardstick(test_checkpoints["test-vl2"], art, doc["references"])
-    assert bf16["expert_mismatch_mean"] > 0 and s["mean_error"] < 6 * bf16["mean_error"], (s, bf16)
+def test_held_routing_splits_the_int8_error_of_test_vl2(exported, references, yardstick):
+    """Holding the reference's expert choices must change the run (every choice then agrees and the error shrinks),
+    so the test fails if the held choices are not used; what is left, the arithmetic, meets the int8 floors."""
+    verdict, s = policy_of(exported, references, yardstick, "test-vl2", "int8")
     held = s["held_routing"]
     assert s["expert_mismatch_mean"] > 0 and held["expert_mismatch_mean"] == 0.0
     assert held["mean_error"] < s["mean_error"] and held["worst_cosine"] > s["worst_cosine"]
-    assert held["worst_cosine"] >= POLICY["int8"][0] and held["top1_agreement"] >= POLICY["int8"][1], held
+    assert held["worst_cosine"] >= POLICY["int8"]["worst_cosine"] and held["top1_agreement"] >= POLICY["int8"]["top1"]
 
 
-@pytest.mark.parametrize("preset", ["test-tiny", "test-small"])
-@pytest.mark.parametrize("experts", ["int8", "int4"])
-def test_quantized_artifacts_meet_the_precision_policy(exported, references, preset, experts):
-    s = fidelity.measure(exported(preset, experts), references[preset])["summary"]
-    min_cos, min_top1 = POLICY[experts]
-    assert s["worst_cosine"] >= min_cos and s["top1_agreement"] >= min_top1, s
+@pytest.mark.parametrize("preset,experts", [("test-tiny", "int8"), ("test-tiny", "int4"), ("test-small", "int8"),
+                                            ("test-small", "int4"), ("test-vl2", "int8")])
+def test_quantized_artifacts_meet_the_precision_policy(exported, references, yardstick, preset, experts):
+    """The softmax-routed presets are tie-stable (their bf16 reference meets the int8 floor), so the free-running
+    worst cosine is held to the floor there; test-vl2's bf16 reference misses it, so there the mean error is held
+    to a multiple of bf16's (measured 4.3x at int8) and the arithmetic to the floors."""
+    verdict, s = policy_of(exported, references, yardstick, preset, experts)
+    assert verdict["met"], verdict
+    checked = {c["check"] for c in verdict["checks"]}
+    if preset == "test-vl2":
+        assert verdict["routing"].startswith("near-ties") and "mean error / the bf16 reference's" in checked
+    else:
+        assert verdict["routing"] == "tie-stable" and "worst cosine" in checked
+
+
+def test_int4_on_test_vl2_misses_the_policy_on_its_arithmetic(exported, references, yardstick):
+    """The measured state the README and the exporter's note on sigmoid-routed int4 rest on: test-vl2's int4
+    artifact misses even with the expert choices held (top-1 0.917), and by ~31x bf16's error, not by a near-tie.
+    If a better int4 makes this fail, update README, "Precision policy", and the exporter's note."""
+    verdict, s = policy_of(exported, references, yardstick, "test-vl2", "int4")
+    missed = {c["check"] for c in verdict["checks"] if not c["ok"]}
+    assert not verdict["met"]
+    assert {"top-1 agreement, expert choices held", "mean error / the bf16 reference's"} <= missed, verdict
+
+
+def test_policy_verdict_switches_on_the_bf16_yardstick():
+    """Hand-made summaries: which floor applies follows the bf16 reference, a missing yardstick reads strictly,
+    and unquantized experts have no policy."""
+    s = {"worst_cosine": 0.995, "top1_agreement": 0.97, "mean_error": 1e-4,
+         "held_routing": {"worst_cosine": 0.9995, "top1_agreement": 0.97}}
+    stable = fidelity.policy_verdict(s | {"bf16_reference": {"worst_cosine": 0.9999, "mean_error": 2e-5}}, "int8")
+    assert not stable["met"] and [c["check"] for c in stable["checks"] if not c["ok"]] == ["worst cosine"]
+    ties = fidelity.policy_verdict(s | {"bf16_reference": {"worst_cosine": 0.997, "mean_error": 2e-5}}, "int8")
+    assert ties["met"] and ties["checks"][-1]["value"] == pytest.approx(5.0)
+    far = fidelity.policy_verdict(s | {"bf16_reference": {"worst_cosine": 0.997, "mean_error": 1e-5}}, "int8")
+    assert not far["met"]  # 10x bf16's
+    assert fidelity.policy_verdict(s | {"bf16_reference": {"worst_cosine": 0.997, "mean_error": 1e-5}}, "int4")["met"]
+    strict = fidelity.policy_verdict(s, "int8")
+    assert not strict["met"] and strict["routing"].startswith("not judged")
+    held_miss = s | {"held_routing": {"worst_cosine": 0.998, "top1_agreement": 0.97},
+                     "bf16_reference": {"worst_cosine": 0.997, "mean_error": 2e-5}}
+    assert not fidelity.policy_verdict(held_miss, "int8")["met"]
+    assert fidelity.policy_verdict(s, "fp32") is None
 
 
 def test_stages_attribute_the_error_and_the_cli_writes_json(exported, test_checkpoints, tmp_path, capsys):
@@ -114,8 +165,6 @@ def test_forced_reference_run_is_one_forward_over_the_whole_sequence(references,
     import numpy as np
     import torch
 
-    from vl2edge.runtime.processor import Processor
-
     model = references["test-tiny"]
     inp = fidelity.prepared_conversations(Processor.from_dir(exported("test-tiny", "fp32")), 1)[0]
     own, own_logits, _ = fidelity.reference_run(model, inp, 5)
@@ -142,5 +191,6 @@ def test_bf16_yardstick_is_measured_and_reported(exported, references, test_chec
     printed = fidelity.table(doc)
     assert "the reference itself in bf16" in printed
     assert f"is {s['mean_error'] / b['mean_error']:.1f}x the bf16 reference's" in printed
+    assert doc["policy"]["experts"] == "int4" and "precision policy for int4 experts: " in printed
     assert "bf16_reference" not in fidelity.run(art, test_checkpoints["test-vl2"], conversations=1, steps=2,
                                                 progress=False, bf16=False)["summary"]
