@@ -307,7 +307,7 @@ def policy_verdict(summary: dict, experts: str) -> dict | None:
     - Top-1 agreement, free-running: its floor.
     - The worst cosine, free-running: its floor where the routing is tie-stable, i.e. the reference in bf16 meets
       the int8 floor. Where the bf16 reference misses it, one flipped expert choice costs more than the floor
-      allows and the released dtype's own rounding flips such choices (test-vl2: a flipped group of 4 experts
+      allows and the released dtype's own rounding flips such choices (test-vl2: a flipped group, 2-4 of 6 experts,
       costs up to 0.036 of cosine, and bf16 / fp16 weights score 0.9977 / 0.9642). The free-running worst cosine
       there says where near-ties fall, not how precise the artifact is, so the mean logit error is held to a
       multiple of bf16's instead. Without the yardstick (`--no-bf16`) the strict reading applies."""

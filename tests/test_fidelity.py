@@ -55,11 +55,21 @@ def yardstick(exported, references, test_checkpoints):
     return get
 
 
-def policy_of(exported, references, yardstick, preset, experts):
-    runs, bf16 = yardstick(preset)
-    s = fidelity.measure(exported(preset, experts), references[preset], references=runs, held_routing=True)["summary"]
-    s["bf16_reference"] = bf16
-    return fidelity.policy_verdict(s, experts), s
+@pytest.fixture(scope="module")
+def policy_of(exported, references, yardstick):
+    """(preset, experts) -> (the policy's verdict, the summary it judged), measured once."""
+    cache = {}
+
+    def get(preset, experts):
+        if (preset, experts) not in cache:
+            runs, bf16 = yardstick(preset)
+            s = fidelity.measure(exported(preset, experts), references[preset], references=runs,
+                                 held_routing=True)["summary"]
+            s["bf16_reference"] = bf16
+            cache[preset, experts] = fidelity.policy_verdict(s, experts), s
+        return cache[preset, experts]
+
+    return get
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -72,10 +82,10 @@ def test_the_fp32_artifact_is_exact_under_the_tool(exported, references, preset)
     assert len(first["cosine"]) == 6 and first["selections"] == first["prompt_tokens"] + 5
 
 
-def test_held_routing_splits_the_int8_error_of_test_vl2(exported, references, yardstick):
+def test_held_routing_splits_the_int8_error_of_test_vl2(policy_of):
     """Holding the reference's expert choices must change the run (every choice then agrees and the error shrinks),
     so the test fails if the held choices are not used; what is left, the arithmetic, meets the int8 floors."""
-    verdict, s = policy_of(exported, references, yardstick, "test-vl2", "int8")
+    verdict, s = policy_of("test-vl2", "int8")
     held = s["held_routing"]
     assert s["expert_mismatch_mean"] > 0 and held["expert_mismatch_mean"] == 0.0
     assert held["mean_error"] < s["mean_error"] and held["worst_cosine"] > s["worst_cosine"]
@@ -84,11 +94,11 @@ def test_held_routing_splits_the_int8_error_of_test_vl2(exported, references, ya
 
 @pytest.mark.parametrize("preset,experts", [("test-tiny", "int8"), ("test-tiny", "int4"), ("test-small", "int8"),
                                             ("test-small", "int4"), ("test-vl2", "int8")])
-def test_quantized_artifacts_meet_the_precision_policy(exported, references, yardstick, preset, experts):
+def test_quantized_artifacts_meet_the_precision_policy(policy_of, preset, experts):
     """The softmax-routed presets are tie-stable (their bf16 reference meets the int8 floor), so the free-running
     worst cosine is held to the floor there; test-vl2's bf16 reference misses it, so there the mean error is held
     to a multiple of bf16's (measured 4.3x at int8) and the arithmetic to the floors."""
-    verdict, s = policy_of(exported, references, yardstick, preset, experts)
+    verdict, s = policy_of(preset, experts)
     assert verdict["met"], verdict
     checked = {c["check"] for c in verdict["checks"]}
     if preset == "test-vl2":
@@ -97,11 +107,11 @@ def test_quantized_artifacts_meet_the_precision_policy(exported, references, yar
         assert verdict["routing"] == "tie-stable" and "worst cosine" in checked
 
 
-def test_int4_on_test_vl2_misses_the_policy_on_its_arithmetic(exported, references, yardstick):
+def test_int4_on_test_vl2_misses_the_policy_on_its_arithmetic(policy_of):
     """The measured state the README and the exporter's note on sigmoid-routed int4 rest on: test-vl2's int4
     artifact misses even with the expert choices held (top-1 0.917), and by ~31x bf16's error, not by a near-tie.
     If a better int4 makes this fail, update README, "Precision policy", and the exporter's note."""
-    verdict, s = policy_of(exported, references, yardstick, "test-vl2", "int4")
+    verdict, s = policy_of("test-vl2", "int4")
     missed = {c["check"] for c in verdict["checks"] if not c["ok"]}
     assert not verdict["met"]
     assert {"top-1 agreement, expert choices held", "mean error / the bf16 reference's"} <= missed, verdict
