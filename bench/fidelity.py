@@ -37,11 +37,12 @@ import numpy as np
 STEPS = 32
 
 # The precision policy (README, "Precision policy"), per routed-expert precision: floors for the worst logit cosine
-# and top-1 agreement, and the most the mean logit error (1 - cosine) may be as a multiple of the bf16 reference's.
-# The multiples are set by the int8/int4 artifacts that meet the floors on the tie-stable presets (test-tiny 4.7x /
-# 12x, test-small 5.4x / 13x in stop 22), with room for one more near-tie.
-POLICY = {"int8": {"worst_cosine": 0.999, "top1": 0.95, "bf16_multiple": 6.0},
-          "int4": {"worst_cosine": 0.99, "top1": 0.95, "bf16_multiple": 15.0}}
+# and top-1 agreement, and the most the rate of flipped expert choices may be as a multiple of the bf16 reference's
+# (judged where the bf16 reference itself misses the int8 cosine floor, `policy_verdict`). The multiples are the
+# largest the int8 / int4 artifacts meeting the floors show on the tie-stable presets (2.0-2.5x / 2.5-3.0x in stop
+# 23), plus 0.5.
+POLICY = {"int8": {"worst_cosine": 0.999, "top1": 0.95, "bf16_flip_multiple": 3.0},
+          "int4": {"worst_cosine": 0.99, "top1": 0.95, "bf16_flip_multiple": 3.5}}
 
 # (prompt, image spec or None): images are drawn, so the tool needs no files; sizes exercise one and several tiles
 CONVERSATIONS = (
@@ -308,9 +309,11 @@ def policy_verdict(summary: dict, experts: str) -> dict | None:
     - The worst cosine, free-running: its floor where the routing is tie-stable, i.e. the reference in bf16 meets
       the int8 floor. Where the bf16 reference misses it, one flipped expert choice costs more than the floor
       allows and the released dtype's own rounding flips such choices (test-vl2: a flipped group, 2-4 of 6 experts,
-      costs up to 0.036 of cosine, and bf16 / fp16 weights score 0.9977 / 0.9642). The free-running worst cosine
-      there says where near-ties fall, not how precise the artifact is, so the mean logit error is held to a
-      multiple of bf16's instead. Without the yardstick (`--no-bf16`) the strict reading applies."""
+      costs up to 0.036 of cosine, and bf16 / fp16 weights score 0.9977 / 0.9642). The worst cosine there says
+      where near-ties fall, not how precise the artifact is, and so does the mean error, which one such step
+      moves by 5x bf16's. What the artifact decides is how often it flips a choice: over every prompt and answer
+      token of every MoE layer (thousands of choices, not 192 steps), held to a multiple of bf16's rate.
+      Without the yardstick (`--no-bf16`), or with no expert choices, the strict reading applies."""
     bars = POLICY.get(experts)
     if bars is None:
         return None
@@ -326,12 +329,13 @@ def policy_verdict(summary: dict, experts: str) -> dict | None:
         check("top-1 agreement, expert choices held", held["top1_agreement"], bars["top1"])
     check("top-1 agreement", summary["top1_agreement"], bars["top1"])
     bf16 = summary.get("bf16_reference")
-    tie_stable = bf16 is None or bf16["worst_cosine"] >= POLICY["int8"]["worst_cosine"]
+    tie_stable = (bf16 is None or bf16["worst_cosine"] >= POLICY["int8"]["worst_cosine"]
+                  or not bf16["expert_mismatch_mean"])
     if tie_stable:
         check("worst cosine", summary["worst_cosine"], bars["worst_cosine"])
     else:
-        check("mean error / the bf16 reference's", summary["mean_error"] / bf16["mean_error"], bars["bf16_multiple"],
-              at_least=False)
+        check("expert choices flipped / the bf16 reference's", summary["expert_mismatch_mean"] /
+              bf16["expert_mismatch_mean"], bars["bf16_flip_multiple"], at_least=False)
     return {"experts": experts, "met": all(c["ok"] for c in checks), "checks": checks,
             "routing": "not judged (no bf16 yardstick)" if bf16 is None else "tie-stable" if tie_stable else
             "near-ties (the bf16 reference misses the int8 floor)"}
@@ -360,6 +364,9 @@ def table(doc: dict) -> str:
         if b["mean_error"] > 0:
             lines.append(f"the artifact's mean logit error (1 - cosine) is {s['mean_error'] / b['mean_error']:.1f}x "
                          f"the bf16 reference's")
+        if b["expert_mismatch_mean"] > 0:
+            lines.append(f"it flips {s['expert_mismatch_mean'] / b['expert_mismatch_mean']:.2f}x as many expert "
+                         f"choices as the bf16 reference")
     verdict = doc.get("policy")
     if verdict is not None:
         lines.append(f"precision policy for {verdict['experts']} experts: {'met' if verdict['met'] else 'MISSED'}; "

@@ -201,8 +201,7 @@ def routing_precision_note(cfg: VL2Config, experts: str, out="OUT", src="SRC") -
     if experts != "int4" or not L.n_routed_experts or L.scoring_func != "sigmoid":
         return None
     return ("note: with sigmoid routing (VL2), int4 routed experts missed the precision policy on synthesized "
-            "checkpoints (16-31x the bf16 reference's logit error, against 12-13x under softmax routing) where "
-            "--experts int8 met it; measure this checkpoint with "
+            "checkpoints, where --experts int8 met it (README, Precision policy); measure this checkpoint with "
             f"`python -m vl2edge.bench.fidelity {out} --reference {src}`")
 
 
