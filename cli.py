@@ -384,13 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--vision", default="auto", choices=["auto", "int8", "int8-dynamic"],
                    help="cpu: int8-dynamic runs the vision matmuls on int8 activations (~5x faster per matmul "
                         "on AMX/VNNI) in the layers where export-time calibration shows it is accurate, int8 "
-                        "keeps fp32 activations; auto: int8-dynamic for int4 experts on cpu")
+                        "keeps fp32 activations; auto: int8-dynamic for int4/int8 experts on cpu")
     e.add_argument("--block-size", type=int, default=None, choices=[32, 64, 128],
                    help="quantization block (default 64, or the largest smaller one dividing the model's dims)")
     e.add_argument("--kv-cache", default="auto", choices=["auto", "int8", "float"],
                    help="KV-cache elements: int8 (cpu: 8-bit codes with static per-channel scales calibrated at "
                         "export, a quarter of the bytes a decode step reads; the MLA latent cache as uint8) or "
-                        "float (the I/O dtype); auto: int8 for int4 experts on cpu")
+                        "float (the I/O dtype); auto: int8 for int4/int8 experts on cpu")
     e.add_argument("--target", default="cpu", choices=["cpu", "cuda"], help="cpu: fp32 I/O; cuda: fp16 I/O")
     e.add_argument("--max-len", type=int, default=None, help="KV-cache length (default: the model's context)")
     e.add_argument("--force", action="store_true", help="replace an existing OUT (only once the new one is done)")

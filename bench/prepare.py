@@ -111,6 +111,22 @@ def precision_name(quantization: dict) -> str:
     return name
 
 
+def _auto_choices_current(m: dict) -> bool:
+    """Whether the exporter would still make the artifact's auto choices (KV cache, vision form) as recorded: one
+    exported before they changed is made again (stop 23: int8 experts took int4's 8-bit cache and int8-dynamic
+    vision)."""
+    from ..export.exporter import DYNAMIC, choose_kv_cache, choose_vision
+
+    q, target = m["quantization"], m.get("target")
+    experts = q["experts"]["kind"]
+    kv = q.get("kv_cache", {})
+    if kv.get("asked") == "auto" and kv["kind"] != choose_kv_cache("auto", None, target, experts):
+        return False
+    if q["vision"].get("asked") == "auto":
+        return ("vision_dynamic" in q) == (choose_vision("auto", target, experts, None) == DYNAMIC)
+    return True
+
+
 def _matches(art: Path, ckpt: Path, precision: str, block_size: int, target: str) -> bool:
     try:
         m = json.loads((art / "manifest.json").read_text())
@@ -121,6 +137,7 @@ def _matches(art: Path, ckpt: Path, precision: str, block_size: int, target: str
             and "asked" in m["quantization"].get("vision", {})  # as is one from before the vision default was auto
             and all("grid" in d for d in m["quantization"].values()  # and one from before the 16-level int4 grid
                     if isinstance(d, dict) and d.get("kind") == "int4")
+            and _auto_choices_current(m)
             and Path(m["source"]["checkpoint"]).resolve() == Path(ckpt).resolve()
             and precision_name(m["quantization"]) == precision
             and (q.get("block_size", block_size) == block_size or precision in ("fp32", "fp16"))

@@ -31,15 +31,15 @@ Precision policy (recorded in the manifest):
                kernels stream 10-16 GB/s, compute-bound on unpacking, not on bytes. The embedding stays int8: one
                row is read per token, so fewer bits would save memory but no time.
        The vision tower stays INT8 whatever `dense` is: it runs at M = 729 rows per tile, compute-bound, where
-       fewer weight bytes buy no time. `vision="int8-dynamic"` (`--vision`; auto picks it with int4 experts)
+       fewer weight bytes buy no time. `vision="int8-dynamic"` (`--vision`; auto picks it with int4/int8 experts)
        runs its block Linears as DynamicQuantizeMatMul where export/vision_calibration.py measures the per-tensor
        activation quantization harmless on this checkpoint (recorded as quantization.vision_dynamic in the
        manifest, what was asked as quantization.vision.asked).
        With fp32 experts everything is fp32: the parity artifact.
   cuda target: fp16 I/O, fp16 non-expert weights (tensor-core GEMMs; int8 activations do not exist there),
        experts as asked (QMoE int4/int8 or fp16 MoE).
-  KV cache (`kv_cache`): 8-bit codes with export-time calibrated scales (export/kv_calibration.py) for int4 experts
-       on cpu (auto), else the I/O dtype: MHA an int8 cache read by GroupQueryAttention, MLA a uint8 latent cache
+  KV cache (`kv_cache`): 8-bit codes with export-time calibrated scales (export/kv_calibration.py) for int4/int8
+       experts on cpu (auto), else the I/O dtype: MHA an int8 cache read by GroupQueryAttention, MLA a uint8 latent cache
        read by integer GEMMs (export/latent_cache.py). bench/fidelity.py measures what each choice costs.
 """
 
@@ -70,6 +70,7 @@ from .mlp import build_mlp_graph
 from .vision import build_vision_graph
 
 EXPERT_CHOICES = ("int4", "int8", "fp16", "fp32")
+QUANTIZED_EXPERTS = ("int4", "int8")
 DENSE_CHOICES = ("int4", "int8")
 VISION_CHOICES = ("auto", "int8", DYNAMIC)
 KV_CACHE_CHOICES = ("auto", "int8", "float")
@@ -111,7 +112,7 @@ def precision_plan(experts: str, block_size: int, target: str, dense: str | None
     for flag, bits in (("--dense", dense), ("--head", head)):
         if bits is not None and bits not in DENSE_CHOICES:
             raise ExportError(f"{flag} {bits!r}: choose one of {DENSE_CHOICES}")
-        if bits is not None and (target != "cpu" or experts not in ("int4", "int8")):
+        if bits is not None and (target != "cpu" or experts not in QUANTIZED_EXPERTS):
             raise ExportError(f"{flag} applies to --target cpu with int4/int8 experts, not {experts} experts on "
                               f"{target}")
     if block_size not in BLOCK_SIZES:
@@ -150,12 +151,13 @@ def with_stage_overrides(plan: dict[str, Precision], overrides: dict[str, Precis
 
 def choose_kv_cache(kv_cache: str, cfg: VL2Config, target: str, experts: str) -> str:
     """The KV cache's element type: "int8" (8-bit codes with static per-channel scales, export/kv_calibration.py;
-    MLA: export/latent_cache.py) or "float" (the graph's I/O dtype). auto: int8 for the int4 CPU artifact,
-    float otherwise."""
+    MLA: export/latent_cache.py) or "float" (the graph's I/O dtype). auto: int8 for quantized experts on cpu
+    (int4 and, since it meets the same precision policy with it, int8: README, "Precision policy"), float
+    otherwise."""
     if kv_cache not in KV_CACHE_CHOICES:
         raise ExportError(f"--kv-cache {kv_cache!r}: choose one of {KV_CACHE_CHOICES}")
     if kv_cache == "auto":
-        return "int8" if target == "cpu" and experts == "int4" else "float"
+        return "int8" if target == "cpu" and experts in QUANTIZED_EXPERTS else "float"
     if kv_cache == "int8" and target != "cpu":
         raise ExportError("--kv-cache int8 needs --target cpu: the CUDA graphs keep a float cache")
     return kv_cache
@@ -179,13 +181,13 @@ def vision_parts(cfg: VL2Config, prec: Precision) -> list[range]:
 
 def choose_vision(vision: str, target: str, experts: str, plan: dict) -> str:
     """The vision Linears' form: "int8" (the plan's precision as it is; fp16/fp32 where the plan says so) or
-    int8-dynamic (where calibration allows, export/vision_calibration.py). auto: int8-dynamic for the int4 CPU
-    artifact, the speed-first one, like the KV cache (the vision tower is most of its time to first token; the
-    fidelity it costs is in README, Precision policy), int8 otherwise."""
+    int8-dynamic (where calibration allows, export/vision_calibration.py). auto: int8-dynamic for quantized experts
+    on cpu, like the KV cache (the vision tower is most of the time to first token; int4 and int8 artifacts meet
+    the precision policy with it: README, "Precision policy"), int8 otherwise."""
     if vision not in VISION_CHOICES:
         raise ExportError(f"--vision {vision!r}: choose one of {VISION_CHOICES}")
     if vision == "auto":
-        return DYNAMIC if target == "cpu" and experts == "int4" else "int8"
+        return DYNAMIC if target == "cpu" and experts in QUANTIZED_EXPERTS else "int8"
     if vision == DYNAMIC and (target != "cpu" or plan["vision"].kind != "int8"):
         raise ExportError("--vision int8-dynamic is for --target cpu with quantized experts (its op, "
                           "DynamicQuantizeMatMul, is a CPU kernel with fp32 I/O)")

@@ -227,10 +227,11 @@ def test_dense4_precision_is_its_own_cached_artifact(bench_run, test_checkpoints
     assert precision_name(json.loads((art / "manifest.json").read_text())["quantization"]) == "int4"
     assert prepare_artifact(test_checkpoints["test-tiny"], "int4", 32, cache_dir=art.parent.parent,
                             progress=False) == art
-    def made_again_without(stage: str, record: str) -> dict:
-        """Drop one record from the cached manifest: the cache must export the artifact again (a new manifest)."""
+    def made_again_after(edit) -> dict:
+        """Edit the cached manifest's quantization record: the cache must export the artifact again (a new
+        manifest)."""
         manifest = json.loads((art / "manifest.json").read_text())
-        del manifest["quantization"][stage][record]
+        edit(manifest["quantization"])
         (art / "manifest.json").write_text(json.dumps(manifest))
         before = (art / "manifest.json").stat().st_mtime_ns
         assert prepare_artifact(test_checkpoints["test-tiny"], "int4", 32, cache_dir=art.parent.parent,
@@ -241,9 +242,13 @@ def test_dense4_precision_is_its_own_cached_artifact(bench_run, test_checkpoints
     # an artifact from before the vision default was auto (no "asked" record) is made again, not reused as "int4"
     q = json.loads((art / "manifest.json").read_text())["quantization"]
     assert q["vision"]["asked"] == "auto" and "vision_dynamic" in q
-    assert made_again_without("vision", "asked")["vision"]["asked"] == "auto"
+    assert made_again_after(lambda q: q["vision"].pop("asked"))["vision"]["asked"] == "auto"
     # so is one from before the 4-bit grid used all 16 levels (no "grid" record on its int4 experts)
-    assert made_again_without("experts", "grid")["experts"]["grid"].startswith("-8..7")
+    assert made_again_after(lambda q: q["experts"].pop("grid"))["experts"]["grid"].startswith("-8..7")
+    # and one whose auto choices the exporter now makes otherwise (int8 experts before stop 23: float cache, and
+    # vision with fp32 activations)
+    assert made_again_after(lambda q: q["kv_cache"].update(kind="float"))["kv_cache"]["kind"] == "int8"
+    assert "vision_dynamic" in made_again_after(lambda q: q.pop("vision_dynamic"))
 
 
 def test_cli_parses_bench_options():

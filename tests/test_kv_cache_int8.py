@@ -146,8 +146,12 @@ def test_export_chooses_the_cache_and_the_engine_allocates_it(test_checkpoints, 
     eng.prefill(eng.embed(np.arange(5, 40)))
     assert eng.cache_arrays[1][0][0, :, :35].any() and not eng.cache_arrays[1][0][0, :, 35:].any()
 
-    asked = export(test_checkpoints["test-tiny"], tmp_path / "int8f", experts="int8", progress=False)
-    assert json.loads((asked / "manifest.json").read_text())["attention"]["cache"]["dtype"] == "float32"
+    # int8 experts take the 8-bit cache too (auto; both meet the precision policy with it), fp32 ones do not,
+    # and --kv-cache float keeps it float
+    for experts, kv, dtype in (("int8", "auto", "int8"), ("fp32", "auto", "float32"), ("int8", "float", "float32")):
+        asked = export(test_checkpoints["test-tiny"], tmp_path / f"{experts}-{kv}", experts=experts, kv_cache=kv,
+                       progress=False)
+        assert json.loads((asked / "manifest.json").read_text())["attention"]["cache"]["dtype"] == dtype
     small = export(test_checkpoints["test-small"], tmp_path / "small", experts="int4", progress=False)
     m = json.loads((small / "manifest.json").read_text())
     assert m["quantization"]["kv_cache"]["kind"] == "int8" and m["attention"]["cache"]["dtype"] == "uint8"
@@ -157,7 +161,8 @@ def test_export_chooses_the_cache_and_the_engine_allocates_it(test_checkpoints, 
     assert eng.cache_arrays[0][0].dtype == np.uint8
     eng.prefill(eng.embed(np.arange(5, 40)))
     assert (eng.cache_arrays[1][0][0, 0, :35] != ZERO_POINT).any() and not eng.cache_arrays[1][0][0, 0, 35:].any()
-    small8 = export(test_checkpoints["test-small"], tmp_path / "small8", experts="int8", progress=False)
+    small8 = export(test_checkpoints["test-small"], tmp_path / "small8", experts="int8", kv_cache="float",
+                    progress=False)
     assert json.loads((small8 / "manifest.json").read_text())["attention"]["cache"]["dtype"] == "float32"
     with pytest.raises(ExportError, match="--target cpu"):
         export(test_checkpoints["test-small"], tmp_path / "x", experts="int4", target="cuda", kv_cache="int8",

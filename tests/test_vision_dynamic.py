@@ -102,9 +102,10 @@ def test_dynamic_vision_artifact_tracks_the_reference(test_checkpoints, tmp_path
     cos = float((got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref))
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.05 and cos > 0.998
 
-    # auto (the default) is int8-dynamic for int4 experts on cpu, and the plan's vision as it is otherwise
+    # auto (the default) is int8-dynamic for int4/int8 experts on cpu, and the plan's vision as it is otherwise
     for kwargs, dynamic in (({"experts": "int4"}, True), ({"experts": "int4", "vision": "int8"}, False),
-                            ({"experts": "int8"}, False)):
+                            ({"experts": "int8"}, True), ({"experts": "int8", "vision": "int8"}, False),
+                            ({"experts": "fp32"}, False)):
         q = json.loads((export(src, tmp_path / "auto", block_size=32, progress=False, force=True, **kwargs)
                         / "manifest.json").read_text())["quantization"]
         assert ("vision_dynamic" in q) == dynamic and q["vision"]["asked"] == kwargs.get("vision", "auto")
