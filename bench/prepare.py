@@ -66,8 +66,8 @@ def checkpoint_key(ckpt: Path) -> str:
 # Linears and lm_head are int4 too (`vl2edge export --dense int4`; plain int4/int8 keep them int8), then "-head8" when
 # lm_head stays int8 all the same (`--head int8`, the memory plan for Small in README), then "-vdyn" / "-v8" when
 # the vision matmuls are asked to be int8-dynamic / int8 (`--vision`) and "-kv8" / "-kvf" when the KV cache is asked
-# to be int8 / float (`--kv-cache`), instead of the exporter's auto choices. E.g. "int4-v8": int4 with the vision
-# tower of the int8 artifact.
+# to be int8 / float (`--kv-cache`), instead of the exporter's auto choices. E.g. "int4-v8": int4 with fp32-activation
+# vision (the int8 artifact's before stop 23).
 SUFFIXES = {"-dense4": ("dense", "int4"), "-head8": ("head", "int8"), "-vdyn": ("vision", "int8-dynamic"),
             "-v8": ("vision", "int8"), "-kv8": ("kv_cache", "int8"), "-kvf": ("kv_cache", "float")}
 

@@ -39,8 +39,8 @@ Precision policy (recorded in the manifest):
   cuda target: fp16 I/O, fp16 non-expert weights (tensor-core GEMMs; int8 activations do not exist there),
        experts as asked (QMoE int4/int8 or fp16 MoE).
   KV cache (`kv_cache`): 8-bit codes with export-time calibrated scales (export/kv_calibration.py) for int4/int8
-       experts on cpu (auto), else the I/O dtype: MHA an int8 cache read by GroupQueryAttention, MLA a uint8 latent cache
-       read by integer GEMMs (export/latent_cache.py). bench/fidelity.py measures what each choice costs.
+       experts on cpu (auto), else the I/O dtype: MHA an int8 cache read by GroupQueryAttention, MLA a uint8 latent
+       cache read by integer GEMMs (export/latent_cache.py). bench/fidelity.py measures what each choice costs.
 """
 
 from __future__ import annotations
