@@ -372,6 +372,12 @@ def test_cuda_target_artifact_is_fp16_and_tracks_the_reference(test_checkpoints,
     assert m["io_dtype"] == "float16" and m["quantization"]["linear"]["kind"] == "fp16"
     assert m["attention"]["kind"] == "mla_absorbed_gqa"  # the GQA form on fp16 (the device-resident cache)
     assert m["attention"]["cache_bytes_per_token"] == 3 * 40 * 2
+    # the auto choices stay float cache and weight-only vision on cuda, for int8 experts as for int4
+    from vl2edge.export.exporter import choose_kv_cache, choose_vision
+    q = m["quantization"]
+    assert q["kv_cache"] == {"kind": "float", "asked": "auto"} and "vision_dynamic" not in q
+    assert choose_kv_cache("auto", None, "cuda", "int8") == "float"
+    assert choose_vision("auto", "cuda", "int8", None) == "int8"
     assert m["quantization"]["routing"] == {"form": "log_weights"}  # exact under CUDA's QMoE semantics too
     moe = onnx.load(str(art / m["graphs"]["layers"][1]["mlp"]["file"]), load_external_data=False)
     (qmoe,) = [n for n in moe.graph.node if n.op_type == "QMoE"]
