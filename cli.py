@@ -20,7 +20,8 @@ def _export(args) -> int:
 
     out = export(args.src, args.out, experts=args.experts, block_size=args.block_size, target=args.target,
                  force=args.force, max_len=args.max_len, progress=not args.quiet, dense=args.dense,
-                 head=args.head, vision=args.vision, kv_cache=args.kv_cache)
+                 head=args.head, vision=args.vision, kv_cache=args.kv_cache,
+                 min_onnxruntime=args.min_onnxruntime)
     print(out)
     return 0
 
@@ -392,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "export, a quarter of the bytes a decode step reads; the MLA latent cache as uint8) or "
                         "float (the I/O dtype); auto: int8 for int4/int8 experts on cpu")
     e.add_argument("--target", default="cpu", choices=["cpu", "cuda"], help="cpu: fp32 I/O; cuda: fp16 I/O")
+    e.add_argument("--min-onnxruntime", default=None, metavar="VERSION",
+                   help="write only ops, inputs and attributes onnxruntime VERSION has (e.g. 1.23.2, the newest "
+                        "with Python 3.10 wheels and Jetson's): an older release gets a float MHA cache, routing "
+                        "as log-weights, QMoE without accuracy_level (README, Platforms); default: the pinned one")
     e.add_argument("--max-len", type=int, default=None, help="KV-cache length (default: the model's context)")
     e.add_argument("--force", action="store_true", help="replace an existing OUT (only once the new one is done)")
     e.add_argument("--quiet", action="store_true")

@@ -51,6 +51,7 @@ import shutil
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,7 @@ from .embedding import KEY as EMBED_KEY
 from .embedding import build_embedding_graph
 from .head import build_head_graph
 from .kv_calibration import HEADROOM, KVCalibration
-from . import mla_absorb, vision_calibration
+from . import mla_absorb, ort_compat, vision_calibration
 from .linear import DYNAMIC, Precision
 from .manifest import FORMAT_VERSION, file_sha256, graph_entry, write_manifest
 from .mlp import build_mlp_graph
@@ -149,18 +150,49 @@ def with_stage_overrides(plan: dict[str, Precision], overrides: dict[str, Precis
     return {**plan, **overrides}
 
 
-def choose_kv_cache(kv_cache: str, cfg: VL2Config, target: str, experts: str) -> str:
+def choose_kv_cache(kv_cache: str, cfg: VL2Config, target: str, experts: str,
+                    floor: ort_compat.Version | None = None) -> str:
     """The KV cache's element type: "int8" (8-bit codes with static per-channel scales, export/kv_calibration.py;
     MLA: export/latent_cache.py) or "float" (the graph's I/O dtype). auto: int8 for quantized experts on cpu
     (int4 and, since it meets the same precision policy with it, int8: README, "Precision policy"), float
-    otherwise."""
+    otherwise, and float for MHA where the asked onnxruntime (`floor`) has no quantized GroupQueryAttention cache
+    (MLA's 8-bit latent cache is standard integer ops: every release has it)."""
     if kv_cache not in KV_CACHE_CHOICES:
         raise ExportError(f"--kv-cache {kv_cache!r}: choose one of {KV_CACHE_CHOICES}")
+    gqa_int8 = cfg.language.use_mla or ort_compat.has("gqa_quantized_cache", floor)
     if kv_cache == "auto":
-        return "int8" if target == "cpu" and experts in QUANTIZED_EXPERTS else "float"
+        return "int8" if target == "cpu" and experts in QUANTIZED_EXPERTS and gqa_int8 else "float"
     if kv_cache == "int8" and target != "cpu":
         raise ExportError("--kv-cache int8 needs --target cpu: the CUDA graphs keep a float cache")
+    if kv_cache == "int8" and not gqa_int8:
+        first, what = ort_compat.FEATURES["gqa_quantized_cache"]
+        raise ExportError(f"--kv-cache int8 with --min-onnxruntime {ort_compat.version_str(floor)}: {what} first "
+                          f"shipped in onnxruntime {ort_compat.version_str(first)}; use --kv-cache float or auto")
     return kv_cache
+
+
+def graph_features(L, plan: dict[str, Precision], target: str, kv_cache: str, routing_form: str) -> set[str]:
+    """The onnxruntime features (export/ort_compat.FEATURES) the written graphs use: their newest gives the
+    artifact's onnxruntime floor."""
+    used = set()
+    if plan["embedding"].bits:
+        used.add("gather_block_quantized_bits")
+    if L.n_routed_experts:
+        used.add("swiglu_fusion")
+        experts = plan["experts"]
+        if experts.bits:
+            used.add("qmoe_block_size")
+            if experts.bits == 4 and target == "cpu":
+                used.add("cpu_qmoe_int4")
+            if routing_form == "weights":
+                used.add("qmoe_router_weights")
+            if experts.accuracy_level is not None:
+                used.add("qmoe_accuracy_level")
+        elif target == "cpu":
+            used.add("cpu_moe")
+    if kv_cache == "int8" and not L.use_mla:
+        used.add("gqa_quantized_cache")
+    return used
 
 
 # Weight bytes per part of the split vision tower (graphs.vision_parts): what `--low-memory` holds beside the language
@@ -214,14 +246,20 @@ def _partial_dirs(out: Path) -> list[Path]:
 def export(src, out, experts: str = "int4", block_size: int | None = None, target: str = "cpu", force: bool = False,
            max_len: int | None = None, progress: bool = True, revision: str | None = None,
            dense: str | None = None, head: str | None = None, vision: str = "auto", kv_cache: str = "auto",
-           stage_precision: dict[str, Precision] | None = None) -> Path:
+           stage_precision: dict[str, Precision] | None = None, min_onnxruntime: str | None = None) -> Path:
     """stage_precision: per-stage overrides of the precision plan, keys STAGES (the fidelity tool,
-    bench/fidelity.py, exports variants with one stage at fp32 to attribute the error); recorded in the manifest."""
+    bench/fidelity.py, exports variants with one stage at fp32 to attribute the error); recorded in the manifest.
+    min_onnxruntime: write only ops, inputs and attributes this onnxruntime release has (export/ort_compat.py);
+    the manifest's onnxruntime.min is what the written graphs need."""
     import torch
     from safetensors.numpy import save_file
     from tqdm import tqdm
 
     plan = precision_plan(experts, block_size or DEFAULT_BLOCK_SIZE, target, dense, head)  # bad requests: first
+    try:
+        floor = ort_compat.parse_version(min_onnxruntime) if min_onnxruntime else None
+    except ValueError as e:
+        raise ExportError(f"--min-onnxruntime: {e}") from None
     vision_asked, vision = vision, choose_vision(vision, target, experts, plan)
     out = Path(out)
     if out.exists() and not force:
@@ -238,6 +276,14 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
     if note and progress:
         print(note, file=sys.stderr)
     plan = with_stage_overrides(plan, stage_precision)
+    if floor is not None:
+        try:
+            ort_compat.check_expressible(floor, target, plan["experts"].kind, bool(L.n_routed_experts))
+        except ort_compat.CompatError as e:
+            raise ExportError(str(e)) from None
+        if plan["experts"].bits and not ort_compat.has("qmoe_accuracy_level", floor):
+            # no attribute = QMoE's default: fp32 activations over the same block-quantized weights
+            plan = {**plan, "experts": replace(plan["experts"], accuracy_level=None)}
     if vision == DYNAMIC and vision_asked == "auto" and plan["vision"].kind != "int8":
         vision = "int8"  # a stage override made vision exact (bench/fidelity.py): nothing left to make dynamic
     if plan["experts"].bits and L.n_routed_experts:
@@ -246,7 +292,7 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
                 raise ExportError(f"--block-size {block_size} does not divide {what} {k}; choose a divisor of it")
     max_len = max_len or L.max_position_embeddings
     io_dtype = np.float32 if target == "cpu" else np.float16
-    kv_asked, kv_cache = kv_cache, choose_kv_cache(kv_cache, cfg, target, experts)
+    kv_asked, kv_cache = kv_cache, choose_kv_cache(kv_cache, cfg, target, experts, floor)
     cache_dtype = np.dtype(io_dtype if kv_cache != "int8" else np.uint8 if L.use_mla else np.int8)
 
     for stale in _partial_dirs(out):  # left by an interrupted export into the same OUT
@@ -286,8 +332,10 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
         graphs["embedding"] = save(build_embedding_graph(cfg, get(EMBED_KEY), plan["embedding"], io_dtype, report),
                                    "embedding")
         calibration_kv = KVCalibration(cfg, get, ckpt.dir) if kv_cache == "int8" else None
-        # cuda: routing inputs exact under CUDA's QMoE semantics as well as the CPU kernel's (export/mlp.py)
-        routing_form = "log_weights" if target == "cuda" or not plan["experts"].bits else "weights"
+        # cuda: routing inputs exact under CUDA's QMoE semantics as well as the CPU kernel's (export/mlp.py); an
+        # onnxruntime without QMoE's router_weights input gets them the same way
+        routing_form = "log_weights" if target == "cuda" or not plan["experts"].bits or not ort_compat.has(
+            "qmoe_router_weights", floor) else "weights"
         for i in range(L.num_hidden_layers):
             scales = calibration_kv.layer_scales(i) if calibration_kv else None
             attn = save(build_attention_graph(cfg, i, get, plan.get("attention", plan["linear"]), io_dtype, max_len,
@@ -310,12 +358,16 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
         (tmp / "quality_report.json").write_text(json.dumps(report.summary(), indent=2) + "\n")
 
         files = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        features = graph_features(L, plan, target, kv_cache, routing_form)
         manifest = {
             "format": "vl2edge-artifact",
             "format_version": FORMAT_VERSION,
             "source": {"checkpoint": str(ckpt.dir), "config": cfg.raw},
             "target": target,
             "io_dtype": np.dtype(io_dtype).name,
+            "onnxruntime": {"min": ort_compat.version_str(ort_compat.artifact_floor(features)),
+                            "asked": min_onnxruntime and ort_compat.version_str(floor),
+                            "features": sorted(features, key=lambda f: ort_compat.FEATURES[f][0])},
             "quantization": {k: p.describe() | ({"asked": vision_asked} if k == "vision" else {})
                              for k, p in plan.items()}
             | {"kv_cache": {"kind": kv_cache, "asked": kv_asked}, "routing": {"form": routing_form}}

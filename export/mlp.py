@@ -122,9 +122,10 @@ def _routed_experts(g: GraphBuilder, x2d: str, probs: str, weights: str, cfg: VL
                   g.const(prefix + "fc1.scales", s1.astype(io_dtype)), "", g.const(prefix + "fc2.qweight", w2),
                   g.const(prefix + "fc2.scales", s2.astype(io_dtype)),
                   "", "", "", "", "", "", "", router_weights]  # zero points absent (symmetric); 14 = router_weights
+        # accuracy_level None: the attribute left out for an onnxruntime without it (export/ort_compat.py)
+        level = {} if prec.accuracy_level is None else {"accuracy_level": prec.accuracy_level}
         y = g.op("QMoE", inputs if router_weights else inputs[:7], domain=MS_DOMAIN,
-                 hint=prefix + "qmoe", expert_weight_bits=prec.bits, block_size=prec.block_size,
-                 accuracy_level=prec.accuracy_level, **common)
+                 hint=prefix + "qmoe", expert_weight_bits=prec.bits, block_size=prec.block_size, **level, **common)
     else:
         y = g.op("MoE", [x2d, router_probs, g.const(prefix + "fc1.weight", fc1.astype(io_dtype)), "",
                          g.const(prefix + "fc2.weight", fc2.astype(io_dtype))], domain=MS_DOMAIN, hint=prefix + "moe",

@@ -4,7 +4,9 @@ Checks, each failing with an ArtifactError that names the directory and the file
   the directory exists and has manifest.json (a checkpoint directory is recognized and pointed to `vl2edge export`);
   format and format_version are the ones this runtime reads;
   every file the manifest lists exists with its size and (verify="sha256", the default) its sha256;
-  every graph file the manifest references is among the listed files.
+  every graph file the manifest references is among the listed files;
+  (check_onnxruntime, before the first session) the installed onnxruntime is at least the manifest's
+  onnxruntime.min, the oldest release whose ops the graphs use (export/ort_compat.py).
 verify="size" skips hashing for fast starts on a trusted disk (hashing reads the whole artifact once).
 """
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..export.manifest import FORMAT, MANIFEST, READABLE_FORMAT_VERSIONS, file_sha256
+from ..export.ort_compat import LEGACY_FLOOR, parse_version, version_str
 
 
 class ArtifactError(ValueError):
@@ -76,3 +79,19 @@ def open_artifact(path, verify: str = "sha256") -> Artifact:
         if name not in files:
             raise ArtifactError(f"{mpath}: graph {name!r} is not among the manifest's files")
     return art
+
+
+def required_onnxruntime(manifest: dict) -> str:
+    """The oldest onnxruntime the artifact's graphs load on; artifacts from before the manifest said so were made
+    with (and for) the pinned release of their day."""
+    return (manifest.get("onnxruntime") or {}).get("min") or version_str(LEGACY_FLOOR)
+
+
+def check_onnxruntime(art: Artifact, installed: str) -> None:
+    """One line naming both versions and the way out, instead of onnxruntime's schema error on the first graph
+    an older release does not know."""
+    need = required_onnxruntime(art.manifest)
+    if parse_version(installed) < parse_version(need):
+        raise ArtifactError(f"{art.dir} needs onnxruntime >= {need}, this is onnxruntime {installed}: install "
+                            f"onnxruntime>={need}, or re-export the checkpoint with `vl2edge export CHECKPOINT OUT "
+                            f"--min-onnxruntime {version_str(parse_version(installed))}`")

@@ -25,7 +25,7 @@ from safetensors.numpy import load_file
 
 from ..export.attention import bind_cache, bind_step_inputs
 from ..model.config import VL2Config
-from .artifact import Artifact, ArtifactError, open_artifact
+from .artifact import Artifact, ArtifactError, check_onnxruntime, open_artifact
 from .dispatch import ExpertCounts, RoutingConfig, expert_graph_inputs, route
 from .image_layout import scatter_images
 from .residency import page_out_files
@@ -160,6 +160,7 @@ class Engine:
         if vision_alone and not transient_vision:
             raise ValueError("vision_alone needs transient_vision (a resident vision session is never alone)")
         self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(artifact, verify=verify)
+        check_onnxruntime(self.artifact, ort.__version__)
         m = self.artifact.manifest
         self.config = VL2Config.from_dict(m["source"]["config"], str(self.artifact.dir / "manifest.json"))
         self.io_dtype = np.dtype(m["io_dtype"])
