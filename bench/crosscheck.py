@@ -135,8 +135,9 @@ def compare_probes(ref_path: Path, other_path: Path, artifacts: dict[str, Path])
         manifest = json.loads((Path(art) / "manifest.json").read_text())
         entry = other_meta["artifacts"].get(name, {})
         bad = {f: s for f, s in entry.get("sessions", {}).items() if s != "ok"}
-        if bad or "engine_error" in entry or not entry:
-            report["artifacts"][name] = {"ok": False, "failures": [entry.get("engine_error") or "not probed"]
+        errors = [entry[k] for k in ("engine_error", "run_error") if k in entry]
+        if bad or errors or not entry:
+            report["artifacts"][name] = {"ok": False, "failures": (errors or ([] if entry else ["not probed"]))
                                          + [f"{f}: {s}" for f, s in bad.items()]}
             continue
         if not any(k.startswith(f"{name}/") for k in ref):  # not run on the reference (a CUDA graph): sessions only

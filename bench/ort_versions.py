@@ -1,9 +1,10 @@
 """Which onnxruntime release loads each kind of artifact and gives the same logits: the compatibility matrix.
 
   python -m vl2edge.bench.ort_versions [--versions 1.20.1,1.22.1,...] [--work DIR] [--json out.json]
+  python -m vl2edge.bench.ort_versions --speed ART[,ART...] --versions 1.23.2,1.31.1 [--rounds 3] [--context 512]
 
 Exports every artifact kind of test-tiny (MHA) and test-small (MLA): cpu int4 / int8 / fp32 with each --kv-cache and
---vision choice, cuda fp16 / int4 / int8, and again with --min-onnxruntime (1.23.2, 1.24.3, 1.25.0).
+--vision choice, cuda fp16 / int4 / int8, and again with --min-onnxruntime (1.23.2, 1.24.3, 1.25.0, 1.27.0).
 The pinned onnxruntime (this interpreter's) probes them (bench/platform_probe.py); then each release, installed from
 PyPI's CPU wheels into a throwaway venv (cached in --venvs) with the runtime's other dependencies, probes them again,
 ignoring the manifest's floor, fed the pinned run's tokens and expert choices. Per artifact and release:
@@ -12,8 +13,15 @@ ignoring the manifest's floor, fed the pinned run's tokens and expert choices. P
   schema ok     (cuda artifacts) onnxruntime accepts every graph; the CPU wheel has no kernel for some op, which a
                 CUDA build has: the numbers are not checked
   refused       onnxruntime refuses a graph (an unknown attribute, an input count): the first reason is given
+  no kernel     (cpu artifacts) accepted, but the CPU wheel has no kernel for an op
+  run error     accepted and loaded, but a kernel fails when it runs (a feature in the schema before the kernel)
 and whether that agrees with the manifest's onnxruntime.min (a release at or above it must load the artifact, one
 below it must not). Exit 1 on a disagreement. A venv takes ~30 s to make the first time; the probes ~5 s each.
+
+--speed: what an artifact for an older onnxruntime costs in decode time. Each artifact under each release that its
+floor allows, in a fresh process each (the venvs above; this interpreter for the pinned release), in rounds that
+alternate them (this machine's speed drifts between minutes): a prefill of `context` filler tokens, then decode
+steps, the median ms/token per round; the report gives each pair's median over rounds and its range.
 """
 
 from __future__ import annotations
@@ -31,8 +39,8 @@ from ..export.ort_compat import PINNED, parse_version, version_str
 from .aarch64 import PROJECT
 from .crosscheck import compare_probes
 
-VERSIONS = ("1.20.1", "1.22.1", "1.23.0", "1.23.1", "1.23.2", "1.24.2", "1.24.3", "1.25.0", "1.30.0", "1.31.1",
-            "1.32.0")
+VERSIONS = ("1.20.1", "1.22.1", "1.23.0", "1.23.1", "1.23.2", "1.24.2", "1.24.3", "1.25.0", "1.26.0", "1.27.0",
+            "1.28.0", "1.29.0", "1.30.0", "1.31.0", "1.31.1", "1.32.0")
 # name -> (preset, export options)
 KINDS = {
     "cpu-int4": {"experts": "int4"},
@@ -41,6 +49,7 @@ KINDS = {
     "cpu-int8": {"experts": "int8"},
     "cpu-int8-kvf-v8": {"experts": "int8", "kv_cache": "float", "vision": "int8"},
     "cpu-fp32": {"experts": "fp32"},
+    "cpu-int4-min1.27.0": {"experts": "int4", "min_onnxruntime": "1.27.0"},
     "cpu-int4-min1.25.0": {"experts": "int4", "min_onnxruntime": "1.25.0"},
     "cpu-int4-min1.24.3": {"experts": "int4", "min_onnxruntime": "1.24.3"},
     "cpu-int8-min1.23.2": {"experts": "int8", "min_onnxruntime": "1.23.2"},
@@ -120,6 +129,8 @@ def verdict(report: dict, meta: dict, name: str, target: str) -> tuple[str, str]
         return "schema ok", missing[0] if missing else ""
     if missing:
         return "no kernel", missing[0]
+    if "run_error" in meta["artifacts"][name]:
+        return "run error", meta["artifacts"][name]["run_error"]
     a = report["artifacts"][name]
     if a["ok"]:
         worst = min(c["held"]["worst_cosine"] for c in a["cases"])
@@ -160,7 +171,58 @@ def run(work: Path, versions=VERSIONS, venvs: Path | None = None, python: str = 
             "disagreements": disagreements, "ok": not disagreements}
 
 
-SHORT = {"verified": "✓", "schema ok": "schema", "refused": "refused", "no kernel": "no kernel", "differs": "DIFFERS"}
+def decode_ms(artifact: Path, context: int, steps: int = 16, warmup: int = 4, threads: int | None = None) -> float:
+    """The median ms of a decode step after a prefill of `context` filler tokens (torch-free: runs in any venv)."""
+    import time
+
+    import numpy as np
+
+    from ..runtime import engine as engine_mod
+
+    engine_mod.check_onnxruntime = lambda art, installed: None  # the caller chose the release
+    eng = engine_mod.Engine(artifact, threads=threads, verify="size")
+    ids = np.random.default_rng(0).integers(100, eng.config.language.vocab_size - 100, context + 1)
+    eng.prefill(eng.embed(ids[:context][None]))
+    tok, times = int(ids[context]), []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        tok = int(np.argmax(eng.decode(tok)))
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def speed(artifacts: list[Path], versions, work: Path, venvs: Path | None, rounds: int, context: int,
+          threads: int | None) -> dict:
+    import onnxruntime as ort
+
+    from ..runtime.artifact import open_artifact, required_onnxruntime
+
+    src, venvs, deps = source_path(work), venvs or work / "venvs", runtime_requirements()
+    pythons = {v: (sys.executable if v == ort.__version__ else make_venv(venvs / f"ort-{v}",
+                                                                          [f"onnxruntime=={v}", *deps]))
+               for v in versions}
+    pairs = [(v, a) for a in artifacts for v in versions
+             if parse_version(v) >= parse_version(required_onnxruntime(open_artifact(a, verify="size").manifest))]
+    env = {k: val for k, val in os.environ.items() if not k.startswith("PYTHON")} | {"PYTHONPATH": str(src)}
+    ms: dict[tuple, list[float]] = {p: [] for p in pairs}
+    for _ in range(rounds):
+        for v, a in pairs:
+            code = (f"from vl2edge.bench.ort_versions import decode_ms; print(decode_ms({str(a)!r}, {context}, "
+                    f"threads={threads}))")
+            p = subprocess.run([str(pythons[v]), "-c", code], env=env, capture_output=True, text=True, timeout=1800)
+            if p.returncode:
+                raise RuntimeError(f"{a} on onnxruntime {v}: {p.stderr[-1500:]}")
+            ms[(v, a)].append(float(p.stdout.split()[-1]))
+    import statistics
+
+    rows = [{"onnxruntime": v, "artifact": str(a), "context": context, "ms_per_token": statistics.median(t),
+             "range": [min(t), max(t)], "rounds": t} for (v, a), t in ms.items()]
+    return {"speed": rows, "context": context, "rounds": rounds, "threads": threads}
+
+
+SHORT = {"verified": "✓", "schema ok": "schema", "refused": "refused", "no kernel": "no kernel", "differs": "DIFFERS",
+         "run error": "run error"}
 
 
 def table(doc: dict) -> str:
@@ -178,7 +240,22 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="checkpoints, artifacts, probes (default: temporary)")
     ap.add_argument("--venvs", type=Path, default=None, help="where the throwaway venvs are kept (default: in work)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--speed", default=None, metavar="ART[,ART...]", help="decode time of these artifacts under "
+                                                                        "--versions instead of the matrix")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
+    if args.speed:
+        with tempfile.TemporaryDirectory() as tmp:
+            doc = speed([Path(a) for a in args.speed.split(",")], args.versions.split(","), args.work or Path(tmp),
+                        args.venvs, args.rounds, args.context, args.threads)
+        for r in doc["speed"]:
+            print(f"onnxruntime {r['onnxruntime']:8} {r['artifact']}: {r['ms_per_token']:.1f} ms/token at "
+                  f"{r['context']} (range {r['range'][0]:.1f}-{r['range'][1]:.1f}, {doc['rounds']} rounds)")
+        if args.json:
+            args.json.write_text(json.dumps(doc, indent=1) + "\n")
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         doc = run(args.work or Path(tmp), args.versions.split(","), args.venvs)
     print(table(doc))

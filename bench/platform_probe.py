@@ -122,23 +122,31 @@ def probe(artifacts: list[Path], steps: int, cases: tuple[int, ...], native: dic
             entry["engine_error"] = f"{type(e).__name__}: {e}"
             continue
         convs = prepared_conversations(Processor.from_dir(art), max(cases) + 1)
-        for c in cases:
-            key = f"{name}/{c}"
-            forced = held = None
-            if native is not None:
-                forced = [int(t) for t in native[f"{key}/tokens"]]
-                held = {int(k.rsplit("/", 1)[1]): native[k] for k in native if k.startswith(f"{key}/chosen/")}
-            tokens, logits, router, chosen = run_case(engine, convs[c], steps, forced)
-            arrays[f"{key}/tokens"] = np.array(tokens, np.int64)
-            arrays[f"{key}/logits"] = logits
-            for i in router:
-                arrays[f"{key}/router/{i}"], arrays[f"{key}/chosen/{i}"] = router[i], chosen[i]
-            if held:
-                _, arrays[f"{key}/held_logits"], router, _ = run_case(engine, convs[c], steps, forced, held)
-                for i in router:
-                    arrays[f"{key}/held_router/{i}"] = router[i]
+        try:
+            _probe_cases(engine, name, convs, cases, steps, native, arrays)
+        except Exception as e:  # noqa: BLE001 - a kernel that accepts the graph and fails when run
+            entry["run_error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
         del engine
     return meta, arrays
+
+
+def _probe_cases(engine, name: str, convs, cases, steps: int, native: dict | None, arrays: dict) -> None:
+    """Each case's runs into `arrays` (the module docstring)."""
+    for c in cases:
+        key = f"{name}/{c}"
+        forced = held = None
+        if native is not None:
+            forced = [int(t) for t in native[f"{key}/tokens"]]
+            held = {int(k.rsplit("/", 1)[1]): native[k] for k in native if k.startswith(f"{key}/chosen/")}
+        tokens, logits, router, chosen = run_case(engine, convs[c], steps, forced)
+        arrays[f"{key}/tokens"] = np.array(tokens, np.int64)
+        arrays[f"{key}/logits"] = logits
+        for i in router:
+            arrays[f"{key}/router/{i}"], arrays[f"{key}/chosen/{i}"] = router[i], chosen[i]
+        if held:
+            _, arrays[f"{key}/held_logits"], router, _ = run_case(engine, convs[c], steps, forced, held)
+            for i in router:
+                arrays[f"{key}/held_router/{i}"] = router[i]
 
 
 def main(argv=None) -> int:

@@ -367,7 +367,7 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
             "io_dtype": np.dtype(io_dtype).name,
             "onnxruntime": {"min": ort_compat.version_str(ort_compat.artifact_floor(features)),
                             "asked": min_onnxruntime and ort_compat.version_str(floor),
-                            "features": sorted(features, key=lambda f: ort_compat.FEATURES[f][0])},
+                            "features": sorted(features, key=lambda f: (ort_compat.FEATURES[f][0], f))},
             "quantization": {k: p.describe() | ({"asked": vision_asked} if k == "vision" else {})
                              for k, p in plan.items()}
             | {"kv_cache": {"kind": kv_cache, "asked": kv_asked}, "routing": {"form": routing_form}}

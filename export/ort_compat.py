@@ -19,8 +19,10 @@ kernels, sessions created and run (`python -m vl2edge.bench.ort_versions`, READM
   QMoE router_weights input     1.25.0          routing form "log_weights": the weights reach QMoE as log(w) in
                                                 router_probs and the output is scaled by sum(w) (export/mlp.py),
                                                 exact under every QMoE semantics
-  GQA quantized KV cache        1.25.0          a float cache for MHA (Tiny); MLA's uint8 latent cache is
-                                                standard integer ops and stays
+  GQA quantized KV cache (CPU)  1.27.0          a float cache for MHA (Tiny); MLA's uint8 latent cache is
+                                                standard integer ops and stays. 1.25.0 and 1.26.0 accept the
+                                                graph (14 inputs, k_quant_type) and fail when it runs ("Tensor
+                                                type mismatch" in GroupQueryAttention)
   QMoE accuracy_level           1.31.0          the attribute is left out: QMoE then multiplies with fp32
                                                 activations (its default), the same weights
 
@@ -46,7 +48,7 @@ FEATURES: dict[str, tuple[Version, str]] = {
     "qmoe_block_size": ((1, 23, 2), "QMoE's block_size attribute (block-wise expert scales)"),
     "cpu_qmoe_int4": ((1, 24, 3), "a CPU QMoE kernel that computes block-wise 4-bit experts right"),
     "qmoe_router_weights": ((1, 25, 0), "QMoE's router_weights input"),
-    "gqa_quantized_cache": ((1, 25, 0), "GroupQueryAttention's quantized KV cache"),
+    "gqa_quantized_cache": ((1, 27, 0), "a CPU GroupQueryAttention kernel for the quantized KV cache"),
     "qmoe_accuracy_level": ((1, 31, 0), "QMoE's accuracy_level attribute"),
 }
 
