@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,8 +21,8 @@ import time
 from pathlib import Path
 
 from .crosscheck import compare_probes, table
+from .platform_probe import PROJECT, child_env, source_path
 
-PROJECT = Path(__file__).resolve().parent.parent  # the source tree: the `vl2edge` package's root
 ARM64_ENV = PROJECT.parent / "shared" / "tools" / "arm64-env"
 ARTIFACTS = {"test-tiny-int4": ("test-tiny", "int4"), "test-small-int4": ("test-small", "int4"),
              "test-vl2-int8": ("test-vl2", "int8")}
@@ -50,9 +49,7 @@ def export_artifacts(checkpoints: dict[str, Path], out: Path) -> dict[str, Path]
 
     arts = {}
     for name, (preset, experts) in ARTIFACTS.items():
-        arts[name] = out / name
-        if not (arts[name] / "manifest.json").is_file():
-            export(checkpoints[preset], arts[name], experts=experts, progress=False, force=True)
+        arts[name] = export(checkpoints[preset], out / name, experts=experts, progress=False, force=True)
     return arts
 
 
@@ -73,12 +70,7 @@ def run(work: Path, checkpoints: dict[str, Path] | None = None, steps: int = 8, 
     subprocess.run(probe + [str(native), *map(str, arts.values()), "--steps", str(steps)], check=True,
                    capture_output=True, timeout=timeout)
     qemu, root, site = arm64_env()
-    link_dir = work / "src"
-    link_dir.mkdir(exist_ok=True)
-    if not (link_dir / "vl2edge").exists():
-        (link_dir / "vl2edge").symlink_to(PROJECT, target_is_directory=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env |= {"QEMU_LD_PREFIX": root, "PYTHONPATH": f"{site}:{link_dir}", "PYTHONDONTWRITEBYTECODE": "1"}
+    env = child_env(f"{site}:{source_path(work)}", QEMU_LD_PREFIX=root, PYTHONDONTWRITEBYTECODE="1")
     emulated = work / "aarch64.npz"
     t0 = time.perf_counter()
     p = subprocess.run([qemu, f"{root}/usr/bin/python3.11", "-m", "vl2edge.bench.platform_probe", str(emulated),

@@ -18,17 +18,16 @@ ignoring the manifest's floor, fed the pinned run's tokens and expert choices. P
 and whether that agrees with the manifest's onnxruntime.min (a release at or above it must load the artifact, one
 below it must not). Exit 1 on a disagreement. A venv takes ~30 s to make the first time; the probes ~5 s each.
 
---speed: what an artifact for an older onnxruntime costs in decode time. Each artifact under each release that its
+--speed: what an artifact for an older onnxruntime costs in prefill and decode time. Each artifact under each release that its
 floor allows, in a fresh process each (the venvs above; this interpreter for the pinned release), in rounds that
-alternate them (this machine's speed drifts between minutes): a prefill of `context` filler tokens, then decode
-steps, the median ms/token per round; the report gives each pair's median over rounds and its range.
+alternate them (this machine's speed drifts between minutes): a prefill of `context` filler tokens (tokens/s), then
+decode steps (the median ms/token); the report gives each pair's median over rounds and its range.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -36,8 +35,8 @@ from importlib import metadata
 from pathlib import Path
 
 from ..export.ort_compat import PINNED, parse_version, version_str
-from .aarch64 import PROJECT
 from .crosscheck import compare_probes
+from .platform_probe import child_env, source_path
 
 VERSIONS = ("1.20.1", "1.22.1", "1.23.0", "1.23.1", "1.23.2", "1.24.2", "1.24.3", "1.25.0", "1.26.0", "1.27.0",
             "1.28.0", "1.29.0", "1.30.0", "1.31.0", "1.31.1", "1.32.0")
@@ -82,18 +81,9 @@ def make_venv(path: Path, packages: list[str], python: str = sys.executable) -> 
     return py
 
 
-def source_path(work: Path) -> Path:
-    """A directory whose `vl2edge` is the source tree, for PYTHONPATH (no build, no install)."""
-    d = work / "src"
-    d.mkdir(parents=True, exist_ok=True)
-    if not (d / "vl2edge").exists():
-        (d / "vl2edge").symlink_to(PROJECT, target_is_directory=True)
-    return d
-
-
 def run_probe(python: Path | str, out: Path, artifacts: list[Path], src: Path, native: Path | None = None,
               timeout: float = 900) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | {"PYTHONPATH": str(src)}
+    env = child_env(str(src))
     cmd = [str(python), "-m", "vl2edge.bench.platform_probe", str(out), *map(str, artifacts), "--ignore-floor"]
     p = subprocess.run(cmd + (["--native", str(native)] if native else []), env=env, capture_output=True,
                        text=True, timeout=timeout)
@@ -112,8 +102,7 @@ def export_kinds(work: Path, presets=PRESETS) -> dict[str, Path]:
             synthesize(ckpt, preset, seed=0, progress=False)
         for kind, opts in KINDS.items():
             out = work / "artifacts" / f"{preset}-{kind}"
-            if not (out / "manifest.json").is_file():
-                export(ckpt, out, progress=False, force=True, **opts)
+            export(ckpt, out, progress=False, force=True, **opts)  # always: the exporter may have changed
             arts[out.name] = out
     return arts
 
@@ -171,8 +160,9 @@ def run(work: Path, versions=VERSIONS, venvs: Path | None = None, python: str = 
             "disagreements": disagreements, "ok": not disagreements}
 
 
-def decode_ms(artifact: Path, context: int, steps: int = 16, warmup: int = 4, threads: int | None = None) -> float:
-    """The median ms of a decode step after a prefill of `context` filler tokens (torch-free: runs in any venv)."""
+def step_times(artifact: Path, context: int, steps: int = 16, warmup: int = 4, threads: int | None = None) -> dict:
+    """Prefill tokens/s of `context` filler tokens, then the median ms of a decode step (torch-free: runs in any
+    venv)."""
     import time
 
     import numpy as np
@@ -182,14 +172,16 @@ def decode_ms(artifact: Path, context: int, steps: int = 16, warmup: int = 4, th
     engine_mod.check_onnxruntime = lambda art, installed: None  # the caller chose the release
     eng = engine_mod.Engine(artifact, threads=threads, verify="size")
     ids = np.random.default_rng(0).integers(100, eng.config.language.vocab_size - 100, context + 1)
+    t0 = time.perf_counter()
     eng.prefill(eng.embed(ids[:context][None]))
+    prefill_s = time.perf_counter() - t0
     tok, times = int(ids[context]), []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         tok = int(np.argmax(eng.decode(tok)))
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
+    return {"prefill_tokens_per_s": context / prefill_s, "decode_ms": float(np.median(times) * 1e3)}
 
 
 def speed(artifacts: list[Path], versions, work: Path, venvs: Path | None, rounds: int, context: int,
@@ -204,20 +196,24 @@ def speed(artifacts: list[Path], versions, work: Path, venvs: Path | None, round
                for v in versions}
     pairs = [(v, a) for a in artifacts for v in versions
              if parse_version(v) >= parse_version(required_onnxruntime(open_artifact(a, verify="size").manifest))]
-    env = {k: val for k, val in os.environ.items() if not k.startswith("PYTHON")} | {"PYTHONPATH": str(src)}
+    env = child_env(str(src))
     ms: dict[tuple, list[float]] = {p: [] for p in pairs}
     for _ in range(rounds):
         for v, a in pairs:
-            code = (f"from vl2edge.bench.ort_versions import decode_ms; print(decode_ms({str(a)!r}, {context}, "
-                    f"threads={threads}))")
+            code = (f"import json; from vl2edge.bench.ort_versions import step_times; "
+                    f"print(json.dumps(step_times({str(a)!r}, {context}, threads={threads})))")
             p = subprocess.run([str(pythons[v]), "-c", code], env=env, capture_output=True, text=True, timeout=1800)
             if p.returncode:
                 raise RuntimeError(f"{a} on onnxruntime {v}: {p.stderr[-1500:]}")
-            ms[(v, a)].append(float(p.stdout.split()[-1]))
+            ms[(v, a)].append(json.loads(p.stdout.strip().splitlines()[-1]))
     import statistics
 
-    rows = [{"onnxruntime": v, "artifact": str(a), "context": context, "ms_per_token": statistics.median(t),
-             "range": [min(t), max(t)], "rounds": t} for (v, a), t in ms.items()]
+    def summary(values):
+        return {"median": statistics.median(values), "range": [min(values), max(values)], "rounds": values}
+
+    rows = [{"onnxruntime": v, "artifact": str(a), "context": context,
+             "decode_ms": summary([r["decode_ms"] for r in t]),
+             "prefill_tokens_per_s": summary([r["prefill_tokens_per_s"] for r in t])} for (v, a), t in ms.items()]
     return {"speed": rows, "context": context, "rounds": rounds, "threads": threads}
 
 
@@ -251,8 +247,10 @@ def main(argv=None) -> int:
             doc = speed([Path(a) for a in args.speed.split(",")], args.versions.split(","), args.work or Path(tmp),
                         args.venvs, args.rounds, args.context, args.threads)
         for r in doc["speed"]:
-            print(f"onnxruntime {r['onnxruntime']:8} {r['artifact']}: {r['ms_per_token']:.1f} ms/token at "
-                  f"{r['context']} (range {r['range'][0]:.1f}-{r['range'][1]:.1f}, {doc['rounds']} rounds)")
+            d, pf = r["decode_ms"], r["prefill_tokens_per_s"]
+            print(f"onnxruntime {r['onnxruntime']:8} {r['artifact']}: decode {d['median']:.1f} ms/token at "
+                  f"{r['context']} ({d['range'][0]:.1f}-{d['range'][1]:.1f}), prefill {pf['median']:.0f} tokens/s "
+                  f"({pf['range'][0]:.0f}-{pf['range'][1]:.0f}), {doc['rounds']} rounds")
         if args.json:
             args.json.write_text(json.dumps(doc, indent=1) + "\n")
         return 0

@@ -19,14 +19,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
 
 import numpy as np
 
+PROJECT = Path(__file__).resolve().parent.parent  # the source tree: the `vl2edge` package's root
 DEFAULT_STEPS = 8
 DEFAULT_CASES = (3, 1)  # a text-only conversation and a one-tile image one (bench/fidelity.CONVERSATIONS)
+
+
+def source_path(work: Path) -> Path:
+    """A directory whose `vl2edge` is a link to the source tree: on another interpreter's PYTHONPATH, the project
+    as it is (no build, no install)."""
+    d = Path(work) / "src"
+    d.mkdir(parents=True, exist_ok=True)
+    if not (d / "vl2edge").exists():
+        (d / "vl2edge").symlink_to(PROJECT, target_is_directory=True)
+    return d
+
+
+def child_env(pythonpath: str, **extra: str) -> dict[str, str]:
+    """This environment without its PYTHON* variables (this venv's), with `pythonpath` and `extra`."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | {"PYTHONPATH": pythonpath} | extra
 
 
 def session_status(artifact: Path) -> dict[str, str]:

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from vl2edge.bench import crosscheck
-from vl2edge.bench.ort_versions import run_probe, source_path
+from vl2edge.bench.ort_versions import run_probe
+from vl2edge.bench.platform_probe import child_env, source_path
 from vl2edge.export.ort_compat import parse_version
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +100,7 @@ def compat_artifacts(test_checkpoints, tmp_path_factory):
 
 
 def _run(vpy, *args, **kw):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env = {k: v for k, v in child_env("").items() if k != "PYTHONPATH"}  # the venv's own vl2edge
     return subprocess.run([str(vpy), *args], capture_output=True, text=True, env=env, timeout=600, **kw)
 
 
@@ -128,3 +129,15 @@ def test_python310_runs_the_runtime_on_the_oldest_onnxruntime(venv310, compat_ar
     print(crosscheck.table(report))
     assert report["other"]["python"].startswith("3.10") and report["other"]["onnxruntime"] == OLDEST
     assert report["ok"], crosscheck.table(report)
+
+
+def test_readme_jetson_line_installs_the_base_dependencies_but_onnxruntime():
+    """The `--no-deps` line that keeps a Jetson's onnxruntime-gpu names exactly the other base dependencies."""
+    import re
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if ln.startswith("pip install --no-deps vl2edge && pip install "))
+    listed = shlex.split(line.split("&& pip install ", 1)[1])
+    norm = lambda r: re.sub(r"\s", "", r).lower().replace("_", "-")  # noqa: E731
+    assert sorted(map(norm, listed)) == sorted(norm(d) for d in BASE if not d.startswith("onnxruntime"))
