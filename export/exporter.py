@@ -159,7 +159,7 @@ def choose_kv_cache(kv_cache: str, cfg: VL2Config, target: str, experts: str,
     (MLA's 8-bit latent cache is standard integer ops: every release has it)."""
     if kv_cache not in KV_CACHE_CHOICES:
         raise ExportError(f"--kv-cache {kv_cache!r}: choose one of {KV_CACHE_CHOICES}")
-    gqa_int8 = cfg.language.use_mla or ort_compat.has("gqa_quantized_cache", floor)
+    gqa_int8 = ort_compat.has("gqa_quantized_cache", floor) or cfg.language.use_mla
     if kv_cache == "auto":
         return "int8" if target == "cpu" and experts in QUANTIZED_EXPERTS and gqa_int8 else "float"
     if kv_cache == "int8" and target != "cpu":
