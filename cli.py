@@ -277,6 +277,8 @@ def _serve(args) -> int:
     except ImportError as e:
         raise ValueError(f"`vl2edge serve` needs the [server] extra: pip install \"vl2edge[server]\" ({e})") from None
     from .runtime.api import load
+    from .runtime.media_files import allowed_dirs
+    from .runtime.server import check_exposure
 
     for name, v in (("--max-queue", args.max_queue), ("--max-images", args.max_images),
                     ("--max-body-mb", args.max_body_mb), ("--max-image-pixels", args.max_image_pixels),
@@ -284,13 +286,15 @@ def _serve(args) -> int:
         if v < (0 if name in ("--max-queue", "--port") else 1):
             raise ValueError(f"{name} must be {'>= 0' if name in ('--max-queue', '--port') else '>= 1'}, got {v}")
     api_key = args.api_key or os.environ.get("VL2EDGE_API_KEY") or None
+    media = allowed_dirs(args.allowed_media_dir)
+    check_exposure(args.host, ServerOptions(model_id="-", api_key=api_key, no_auth=args.no_auth))  # before loading
     model = load(args.model, provider=args.provider, threads=args.threads, max_tiles=args.max_tiles,
                  verify=args.verify, transient_vision=args.transient_vision, official_pixels=args.official_pixels,
                  low_memory=args.low_memory)
     model.processor.image_options["max_pixels"] = args.max_image_pixels
     options = ServerOptions(model_id=args.model_name or Path(args.model).resolve().name, api_key=api_key,
                             max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 2 ** 20),
-                            max_images=args.max_images, allow_file_urls=not args.no_file_urls,
+                            max_images=args.max_images, allowed_media_dirs=media, no_auth=args.no_auth,
                             default_max_tokens=args.default_max_tokens, chunk_size=args.chunk_size)
     logging.basicConfig(level=args.log_level.upper(), format="vl2edge serve: %(message)s")
     serve(model, options, host=args.host, port=args.port, log_level=args.log_level,
@@ -430,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("serve", help="an OpenAI-compatible HTTP API on the artifact (needs the [server] extra)")
     v.add_argument("model", metavar="ARTIFACT", help="exported artifact directory (`vl2edge export`)")
-    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only; an address "
+                                                       "outside loopback needs --api-key or --no-auth)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also $VL2EDGE_API_KEY)")
     v.add_argument("--model-name", default=None, help="the model id clients send and /v1/models lists (default: "
@@ -441,7 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
     v.add_argument("--max-image-pixels", type=int, default=40_000_000, help="pixels per image (default 40M)")
     v.add_argument("--max-body-mb", type=float, default=32.0, help="request body size limit (default 32 MiB)")
-    v.add_argument("--no-file-urls", action="store_true", help="refuse file:// image URLs (only data: URLs)")
+    v.add_argument("--allowed-media-dir", action="append", default=[], metavar="DIR",
+                   help="a directory file:// image URLs may name files in (repeatable); without it file:// URLs "
+                        "are refused and only data: URLs are taken")
+    v.add_argument("--no-auth", action="store_true", help="serve without an API key on an address outside "
+                                                          "loopback (otherwise refused: use --api-key)")
     v.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     v.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_runtime_options(v)

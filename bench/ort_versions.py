@@ -18,10 +18,10 @@ ignoring the manifest's floor, fed the pinned run's tokens and expert choices. P
 and whether that agrees with the manifest's onnxruntime.min (a release at or above it must load the artifact, one
 below it must not). Exit 1 on a disagreement. A venv takes ~30 s to make the first time; the probes ~5 s each.
 
---speed: what an artifact for an older onnxruntime costs in prefill and decode time. Each artifact under each release that its
-floor allows, in a fresh process each (the venvs above; this interpreter for the pinned release), in rounds that
-alternate them (this machine's speed drifts between minutes): a prefill of `context` filler tokens (tokens/s), then
-decode steps (the median ms/token); the report gives each pair's median over rounds and its range.
+--speed: what an artifact for an older onnxruntime costs in prefill and decode time. Each artifact under each
+release that its floor allows, in a fresh process each (the venvs above; this interpreter for the pinned release),
+in rounds that alternate them (this machine's speed drifts between minutes): a prefill of `context` filler tokens
+(tokens/s), then decode steps (the median ms/token); the report gives each pair's median over rounds and range.
 """
 
 from __future__ import annotations

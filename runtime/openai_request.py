@@ -10,7 +10,8 @@ one "<image>\\n" each, then its text parts joined by newlines: the layout of the
 ("<image>\\n<|ref|>...") and of runtime.api for untagged images. A user who wants another layout writes the
 "<image>" tags into the text, one per image part, in the order of the parts. Image URLs:
   * data:image/...;base64,...  - the image's bytes (the usual way: works from any language, any machine);
-  * file:///abs/path           - a file on the server's machine (the server can turn these off);
+  * file:///abs/path           - a file on the server's machine, only inside the directories the server was
+                                 started with (`--allowed-media-dir`; none: refused), runtime/media_files.py;
   * http(s)://                 - refused: the server works offline and fetches nothing.
 
 Sampling: temperature (default 0 = greedy, the official README's decoding, not OpenAI's 1), top_p, seed, stop
@@ -25,12 +26,12 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-import os
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
 from .chat_template import IMAGE_TAG
+from .media_files import read_allowed
 
 MAX_STOP_STRINGS = 16
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -73,8 +74,12 @@ class ChatRequest:
 
 @dataclass(frozen=True)
 class ImagePolicy:
+    """max_images per request; allowed_media_dirs: real paths (runtime/media_files.allowed_dirs) that file:// URLs
+    may name files in, none by default; max_file_bytes: the largest such file."""
+
     max_images: int = 8
-    allow_file_urls: bool = True
+    allowed_media_dirs: tuple[str, ...] = ()
+    max_file_bytes: int = 32 * 2 ** 20
 
 
 def parse_chat_request(body: Any, policy: ImagePolicy = ImagePolicy(), default_max_tokens: int = 256) -> ChatRequest:
@@ -193,17 +198,20 @@ def _image_source(spec: Any, where: str, policy: ImagePolicy) -> tuple[Any, int]
             raise invalid(f"{where}.image_url: the data URL holds no bytes", f"{where}.image_url")
         return data, len(data)
     if head.startswith("file:"):
-        if not policy.allow_file_urls:
-            raise invalid(f"{where}.image_url: file:// URLs are turned off on this server (`--no-file-urls`); send "
-                          f"the image as a data URL", f"{where}.image_url")
+        if not policy.allowed_media_dirs:
+            raise invalid(f"{where}.image_url: this server takes no file:// URLs (it was started without "
+                          f"--allowed-media-dir); send the image as a data URL", f"{where}.image_url")
         parsed = urllib.parse.urlparse(url)
-        if parsed.netloc not in ("", "localhost"):
-            raise invalid(f"{where}.image_url: a file:// URL must name a local path (file:///abs/path)",
-                          f"{where}.image_url")
-        path = urllib.parse.unquote(parsed.path)
-        if not os.path.isfile(path):
-            raise invalid(f"{where}.image_url: no such file on the server: {path!r}", f"{where}.image_url")
-        return path, os.path.getsize(path)
+        data = None
+        if parsed.netloc in ("", "localhost"):
+            data = read_allowed(urllib.parse.unquote(parsed.path), policy.allowed_media_dirs, policy.max_file_bytes)
+        if data is None:  # one answer whatever the reason: nothing about the server's files leaks
+            raise invalid(f"{where}.image_url: a file:// URL must name a readable file inside the server's media "
+                          f"directories (--allowed-media-dir)", f"{where}.image_url")
+        if len(data) > policy.max_file_bytes:
+            raise invalid(f"{where}.image_url: the file is over {policy.max_file_bytes} bytes, the most this "
+                          f"server reads for an image", f"{where}.image_url")
+        return data, len(data)
     if head.startswith(("http:", "https:")):
         raise invalid(f"{where}.image_url: this server works offline and does not fetch http(s) URLs; send the "
                       f"image as a data URL (data:image/jpeg;base64,...)", f"{where}.image_url")

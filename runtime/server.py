@@ -31,6 +31,7 @@ import asyncio
 import collections
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -49,6 +50,7 @@ from starlette.routing import Route
 from .chat_template import TemplateError
 from .grounding import Box, GroundingParser
 from .images import ImageError
+from .media_files import allowed_dirs, describe
 from .openai_request import ApiError, ChatRequest, ImagePolicy, invalid, parse_chat_request
 from .processor import PromptTooLongError
 from .server_metrics import CONTENT_TYPE, Metrics
@@ -66,7 +68,10 @@ class ServerOptions:
     max_queue: int = 8  # requests waiting behind the running one
     max_body_bytes: int = 32 * 2 ** 20
     max_images: int = 8
-    allow_file_urls: bool = True
+    # directories file:// image URLs may name files in (runtime/media_files.py); none: file:// URLs are refused
+    allowed_media_dirs: tuple[str, ...] = ()
+    # serve without an API key on an address outside loopback (serve() refuses that unless asked)
+    no_auth: bool = False
     default_max_tokens: int = 256
     chunk_size: int | None = None  # prefill chunk (None: the model's default)
 
@@ -206,7 +211,9 @@ class ChatServer:
         self.metrics.queue_depth = self.scheduler.depth
         self.metrics.running = self.scheduler.busy
         self.created = int(time.time())
-        self.policy = ImagePolicy(max_images=options.max_images, allow_file_urls=options.allow_file_urls)
+        self.policy = ImagePolicy(max_images=options.max_images,
+                                  allowed_media_dirs=allowed_dirs(options.allowed_media_dirs),
+                                  max_file_bytes=options.max_body_bytes)
 
     def app(self) -> Starlette:
         routes = [
@@ -231,9 +238,9 @@ class ChatServer:
 
     # small endpoints ---------------------------------------------------------------------------------------------
     def _model_card(self) -> dict[str, Any]:
+        # no filesystem path of the server in any answer: the artifact is named by the model id alone
         return {"id": self.options.model_id, "object": "model", "created": self.created, "owned_by": "vl2edge",
-                "vl2edge": {"context": self.model.max_len, "provider": self.model.provider,
-                            "artifact": str(self.model.engine.artifact.dir)}}
+                "vl2edge": {"context": self.model.max_len, "provider": self.model.provider}}
 
     async def models(self, request: Request) -> Response:
         self._authorize(request)
@@ -517,7 +524,27 @@ def create_app(model, options: ServerOptions) -> Starlette:
     return ChatServer(model, options).app()
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+class ServeConfigError(ValueError):
+    """A serve configuration refused before anything listens (the CLI exits 2 with its one line)."""
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 (also as ::ffff:127.x.y.z) and "localhost"; any other name may resolve anywhere."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def check_exposure(host: str, options: ServerOptions) -> None:
+    """Outside loopback a server needs a key, or the operator's explicit --no-auth."""
+    if not is_loopback(host) and not options.api_key and not options.no_auth:
+        raise ServeConfigError(f"listening on {host} (not loopback) needs --api-key KEY (or $VL2EDGE_API_KEY), or "
+                               f"--no-auth to let anyone who can reach the port use the model")
 
 
 def serve(model, options: ServerOptions, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
@@ -528,8 +555,11 @@ def serve(model, options: ServerOptions, host: str = "127.0.0.1", port: int = 80
 
     import uvicorn
 
-    if host not in LOOPBACK and not options.api_key:
-        log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", host)
+    check_exposure(host, options)
+    allowed_dirs(options.allowed_media_dirs)  # refused before anything listens
+    if not is_loopback(host) and not options.api_key:
+        log.warning("listening on %s without an API key (--no-auth): anyone who can reach this port can use the "
+                    "model", host)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -542,5 +572,6 @@ def serve(model, options: ServerOptions, host: str = "127.0.0.1", port: int = 80
     config = uvicorn.Config(create_app(model, options), log_level=log_level, timeout_graceful_shutdown=5)
     if announce is not None:
         announce(f"serving {options.model_id!r} ({model.engine.artifact.dir}, {model.provider}, context "
-                 f"{model.max_len} tokens, queue {options.max_queue}) on http://{host}:{bound}/v1")
+                 f"{model.max_len} tokens, queue {options.max_queue}, file:// media from "
+                 f"{describe(allowed_dirs(options.allowed_media_dirs))}) on http://{host}:{bound}/v1")
     uvicorn.Server(config).run(sockets=[sock])

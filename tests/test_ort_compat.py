@@ -105,7 +105,8 @@ def test_oldest_artifact_gives_the_tokens_of_the_same_options(artifacts):
 @pytest.mark.parametrize("kwargs, match", [
     ({"experts": "int4", "min_onnxruntime": "1.23.2"}, r"4-bit experts right first shipped in onnxruntime 1\.24\.3"
                                                        r".*--experts int8"),
-    ({"experts": "int8", "min_onnxruntime": "1.23.1"}, r"block_size attribute .* first shipped in onnxruntime 1\.23\.2"),
+    ({"experts": "int8", "min_onnxruntime": "1.23.1"}, r"block_size attribute .* first shipped in "
+                                                       r"onnxruntime 1\.23\.2"),
     ({"experts": "fp32", "min_onnxruntime": "1.23.0"}, r"CPU kernel for the fp32 MoE op first shipped"),
     ({"experts": "fp16", "target": "cuda", "min_onnxruntime": "1.22.1"}, r"swiglu_fusion attribute first shipped"),
     ({"experts": "int8", "kv_cache": "int8", "min_onnxruntime": "1.26.0"}, r"--kv-cache int8 .*first shipped in "

@@ -29,8 +29,9 @@ import vl2edge
 from vl2edge.export.exporter import export
 from vl2edge.runtime.generation import Result
 from vl2edge.runtime.grounding import parse_grounding
-from vl2edge.runtime.openai_request import ImagePolicy, parse_chat_request
-from vl2edge.runtime.server import ChatServer, Job, ServerOptions
+from vl2edge.runtime.media_files import allowed_dirs
+from vl2edge.runtime.openai_request import ApiError, ImagePolicy, parse_chat_request
+from vl2edge.runtime.server import ChatServer, Job, ServeConfigError, ServerOptions, check_exposure
 
 MODEL_ID = "test-tiny-int4"
 MAX_PIXELS = 1_000_000
@@ -107,10 +108,13 @@ def reference(artifact):
 
 
 @pytest.fixture(scope="module")
-def served(artifact):
+def served(artifact, tmp_path_factory):
+    """The server, with one allowed media directory (`served.media`) for file:// URLs."""
     model = vl2edge.load(artifact, threads=1)
     model.processor.image_options["max_pixels"] = MAX_PIXELS
-    server = Running(model, max_queue=8, max_images=3, max_body_bytes=4 * 2 ** 20)
+    media = tmp_path_factory.mktemp("media")
+    server = Running(model, max_queue=8, max_images=3, max_body_bytes=4 * 2 ** 20, allowed_media_dirs=(str(media),))
+    server.media = media
     yield server
     server.stop()
 
@@ -167,8 +171,8 @@ def test_a_resent_conversation_prefills_only_the_new_turn(served, reference):
     assert r2.choices[0].message.content == expected.text
 
 
-def test_a_file_url_is_the_same_image_as_a_data_url(served, tmp_path):
-    path = tmp_path / "scene one.png"
+def test_a_file_url_is_the_same_image_as_a_data_url(served):
+    path = served.media / "scene one.png"
     path.write_bytes(png_bytes((320, 240), 3))
     answers = []
     for url in (data_url(path.read_bytes()), path.as_uri()):
@@ -338,12 +342,77 @@ def test_routes_methods_and_the_server_survives_bad_input(served):
     assert status == 200 and answer["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-def test_file_urls_can_be_turned_off():
+def test_file_urls_are_refused_without_an_allowed_media_dir():
     body = chat_body([{"type": "image_url", "image_url": {"url": Path(__file__).resolve().as_uri()}}])
-    with pytest.raises(Exception, match="turned off"):
-        parse_chat_request(body, ImagePolicy(allow_file_urls=False))
-    req = parse_chat_request(body, ImagePolicy(allow_file_urls=True))
-    assert req.messages[0]["images"] == [str(Path(__file__).resolve())]
+    with pytest.raises(ApiError, match="started without --allowed-media-dir"):
+        parse_chat_request(body, ImagePolicy())
+
+
+@pytest.fixture
+def media_tree(tmp_path):
+    """An allowed dir with an image, a symlink out, a FIFO and a subdirectory; a secret file beside it."""
+    import os
+
+    allowed, secret = tmp_path / "allowed", tmp_path / "secret.txt"
+    (allowed / "sub").mkdir(parents=True)
+    (allowed / "img.png").write_bytes(png_bytes((40, 30)))
+    secret.write_text("TOP-SECRET-CONTENT")
+    (allowed / "link_out").symlink_to(secret)
+    (allowed / "link_in").symlink_to(allowed / "img.png")
+    os.mkfifo(allowed / "fifo")
+    return allowed, secret
+
+
+def test_a_file_url_is_read_only_inside_the_allowed_dirs(media_tree):
+    allowed, secret = media_tree
+    policy = ImagePolicy(allowed_media_dirs=allowed_dirs([allowed]))
+    part = lambda url: chat_body([{"type": "image_url", "image_url": {"url": url}}])  # noqa: E731
+    ok = [f"file://{allowed}/img.png", f"file://localhost{allowed}/img.png", f"file://{allowed}//sub/../img.png",
+          f"file://{allowed}/link_in", f"file://{allowed}%2Fimg%2Epng", f"file://{allowed}/sub/%2E%2E/img.png"]
+    for url in ok:
+        assert parse_chat_request(part(url), policy).messages[0]["images"] == [(allowed / "img.png").read_bytes()]
+    refused = [f"file://{secret}", f"file://{allowed}/../secret.txt", f"file://{allowed}/%2e%2e/secret.txt",
+               f"file://{allowed}/link_out", f"file://{allowed}/fifo", f"file://{allowed}/sub",
+               f"file://{allowed}/missing.png", f"file://{secret.parent}/no-such-file", "file:///etc/passwd",
+               f"file://otherhost{allowed}/img.png", f"file://{allowed}/img.png%00.txt", "file:relative/img.png",
+               f"file://{allowed}"]
+    messages = set()
+    for url in refused:
+        with pytest.raises(ApiError) as e:
+            parse_chat_request(part(url), policy)
+        assert e.value.status == 400 and str(secret.parent) not in str(e.value.body())
+        messages.add(e.value.body()["error"]["message"])
+    assert len(messages) == 1, messages  # existing or not, outside or a symlink out: one answer
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost", "::ffff:127.0.0.1"])
+def test_loopback_needs_no_key(host):
+    check_exposure(host, ServerOptions(model_id="m"))
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.4.1", "10.0.0.2", "::", "fe80::1", "robot.local"])
+def test_outside_loopback_a_key_or_no_auth_is_required(host):
+    with pytest.raises(ServeConfigError, match=f"listening on {re.escape(host)} .*--api-key.*--no-auth"):
+        check_exposure(host, ServerOptions(model_id="m"))
+    check_exposure(host, ServerOptions(model_id="m", api_key="k"))
+    check_exposure(host, ServerOptions(model_id="m", no_auth=True))
+
+
+def test_the_serve_command_refuses_an_exposed_address_without_a_key(artifact, tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items() if k != "VL2EDGE_API_KEY"}
+    for args, what in (([], "needs --api-key KEY"), (["--allowed-media-dir", str(tmp_path / "none")],
+                                                    "not a directory")):
+        r = subprocess.run([sys.executable, "-m", "vl2edge.cli", "serve", str(artifact), "--host", "0.0.0.0",
+                            "--port", "0", *args, *(["--api-key", "k"] if args else [])], capture_output=True,
+                           text=True, timeout=120, env=env)
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+        assert what in r.stderr
+
+
+def test_no_answer_shows_a_server_path(served, artifact):
+    for path in ("/v1/models", f"/v1/models/{MODEL_ID}"):
+        status, _, body = request(served.port, "GET", path)
+        assert status == 200 and str(artifact) not in json.dumps(body) and str(artifact.parent) not in json.dumps(body)
 
 
 def test_request_fields_map_to_the_runtime():
@@ -534,3 +603,109 @@ def test_the_serve_command_refuses_a_bad_artifact_in_one_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
     assert r.stderr.startswith("vl2edge serve: error:") and "no such artifact" in r.stderr
+
+
+# --- a bounded fuzz: hostile input on loopback ------------------------------------------------------------------
+def _bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height pixels over a few hundred bytes of zlib (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(b"\0" * (1 + 3 * min(width, 4096)) * 64, 9)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def _fuzz_bodies(rng, media: Path, secret: Path) -> list[tuple[str, object]]:
+    """(kind, body) pairs: raw bytes or JSON-able objects, from a fixed seed."""
+    valid = chat_body("Say something.", 2)
+    values = [None, True, -1, 0, 10 ** 30, -10 ** 30, 1e308, -1e-308, "", "x" * 5000, [], {}, [1, "a", None],
+              {"nested": {"deep": [1]}}, "NaN", "Infinity"]
+    fields = ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
+              "stop", "stream", "stream_options", "n", "repetition_penalty", "logprobs", "response_format"]
+    out: list[tuple[str, object]] = []
+    for _ in range(20):  # malformed JSON
+        raw = json.dumps(valid).encode()
+        cut = int(rng.integers(0, len(raw)))
+        noise = bytes(rng.integers(0, 256, int(rng.integers(1, 40)), dtype=np.uint8))
+        out.append(("malformed json", raw[:cut] + noise if rng.random() < 0.5 else noise))
+    for _ in range(40):  # wrong types, huge and negative numbers
+        body = json.loads(json.dumps(valid))
+        body[fields[int(rng.integers(len(fields)))]] = values[int(rng.integers(len(values)))]
+        out.append(("wrong type", body))
+    for _ in range(8):  # unknown fields and message shapes
+        body = json.loads(json.dumps(valid))
+        body[f"x_{int(rng.integers(1e6))}"] = values[int(rng.integers(len(values)))]
+        body["messages"][0][["role", "content", "name"][int(rng.integers(3))]] = values[int(rng.integers(len(values)))]
+        out.append(("unknown or mistyped field", body))
+    def part(url):
+        return chat_body([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}], 2)
+
+    for _ in range(6):  # invalid base64
+        junk = "".join(rng.choice(list("!@#$%^&*()ab=="), int(rng.integers(1, 50))))
+        out.append(("invalid base64", part("data:image/png;base64," + junk)))
+    out += [("image bomb", part(data_url(_bomb_png(w, h)))) for w, h in ((60000, 60000), (5000, 5000), (1, 10 ** 7))]
+    out.append(("truncated image", part(data_url(png_bytes()[:200]))))
+    traversal = [f"file://{media}/../{secret.name}", f"file://{media}/%2e%2e/{secret.name}",
+                 f"file://{media}/link_out", f"file://{media}//..//{secret.name}", f"file://{secret}",
+                 f"file://{secret.parent}/no-such-file", f"file://{media}/no-such.png", f"file://{media}/fifo",
+                 f"file://{media}", f"file://localhost{secret}", f"file://{media}/img.png%00", "file:///etc/shadow",
+                 "file:///proc/self/environ", f"file://{media}/%252e%252e/{secret.name}"]
+    out += [("traversal", part(url)) for url in traversal]
+    out += [("allowed file", part(f"file://{media}/img.png")), ("valid", valid),
+            ("valid stream", {**valid, "stream": True})]
+    order = rng.permutation(len(out))
+    return [out[i] for i in order]
+
+
+def _disconnect_mid_stream(port: int) -> None:
+    import socket
+
+    body = json.dumps(chat_body("Tell a long story.", 64, stream=True)).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        sock.recv(512)  # the headers and maybe a first chunk, then gone
+
+
+def test_fuzz_hostile_requests_get_4xx_in_openai_shape_and_leak_nothing(served, tmp_path):
+    """~100 requests from a fixed seed: malformed JSON, wrong types, huge and negative numbers, unknown fields,
+    invalid base64, image bombs, traversal against the allowed media dir (symlink out, `..`, encoded, a FIFO, a
+    secret that exists and a path that does not), disconnects mid-stream. Every answer is a completion or a 4xx in
+    OpenAI's error shape with no traceback and nothing of the secret; refused file URLs all get one message."""
+    import os
+
+    media = served.media
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET-CONTENT-4242")
+    (media / "img.png").write_bytes(png_bytes((64, 48), 7))
+    if not (media / "link_out").exists():
+        (media / "link_out").symlink_to(secret)
+        os.mkfifo(media / "fifo")
+    rng = np.random.default_rng(20261203)
+    file_messages, kinds = set(), {}
+    for i, (kind, body) in enumerate(_fuzz_bodies(rng, media, secret)):
+        if i % 25 == 0:
+            _disconnect_mid_stream(served.port)
+        status, _, answer = request(served.port, "POST", "/v1/chat/completions", body)
+        text = answer if isinstance(answer, str) else json.dumps(answer)
+        assert "Traceback" not in text and "TOP-SECRET" not in text and str(tmp_path) not in text, (kind, text)
+        assert status == 200 or 400 <= status < 500, (kind, status, text)
+        if status == 200 and kind != "valid stream":
+            assert answer["choices"][0]["message"]["content"] is not None, (kind, answer)
+        elif status != 200:
+            err = answer["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["message"], (kind, answer)
+        if kind == "traversal":
+            assert status == 400, (body, answer)
+            file_messages.add(answer["error"]["message"])
+        kinds.setdefault(kind, set()).add(status)
+    assert len(file_messages) == 1, file_messages
+    assert kinds["allowed file"] == {200} and kinds["valid"] == {200} and kinds["image bomb"] == {400}
+    assert request(served.port, "GET", "/health")[2]["status"] == "ok"
+    status, _, answer = request(served.port, "POST", "/v1/chat/completions", chat_body("Still there?"))
+    assert status == 200 and answer["choices"][0]["finish_reason"] in ("stop", "length")
+    print({k: sorted(v) for k, v in kinds.items()})
