@@ -10,7 +10,7 @@ def _synth(args) -> int:
     from .model.synth import synthesize
 
     out = synthesize(args.out, args.preset, seed=args.seed, layers=args.layers, force=args.force,
-                     progress=not args.quiet)
+                     progress=not args.quiet, init=args.init)
     print(out)
     return 0
 
@@ -371,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny / small / vl2 at real dims; test-* at small dims")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--layers", type=int, default=None, help="truncate the language model to N layers")
+    s.add_argument("--init", default="default", choices=["default", "heavy"],
+                   help="heavy: heavy-tailed weights, outlier norm channels and large-norm token embeddings (the "
+                        "statistics of trained models), for checkpoints no default was tuned on")
     s.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_synth)

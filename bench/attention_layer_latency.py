@@ -55,13 +55,14 @@ def random_weights(cfg: VL2Config, layer: int):
 def random_cache(cfg: VL2Config, max_len: int, kv_cache: str, rng) -> tuple[list[np.ndarray], object]:
     """One layer's cache buffers filled with random rows, and the kv_scales its graph is built with."""
     L = cfg.language
-    shapes = cache_shapes(cfg, max_len)
     if kv_cache == "float":
-        return [rng.standard_normal(s, dtype=np.float32) * 0.5 for s in shapes], None
+        return [rng.standard_normal(s, dtype=np.float32) * 0.5 for s in cache_shapes(cfg, max_len)], None
     scale = np.float32(2.0 / 127)
-    if L.use_mla:  # uint8 codes around zero point 128 (export/latent_cache.py)
-        return [rng.integers(1, 256, s).astype(np.uint8) for s in shapes], \
-            np.full(shapes[0][-1], scale, np.float32)
+    if L.use_mla:  # uint8 codes around zero point 128 and their token scales (export/latent_cache.py)
+        codes, tok = cache_shapes(cfg, max_len, np.uint8)
+        return [rng.integers(1, 256, codes).astype(np.uint8), np.full(tok, scale, np.float32)], \
+            np.ones(codes[-1], np.float32)
+    shapes = cache_shapes(cfg, max_len)
     per_channel = np.full((L.num_key_value_heads, L.head_dim), scale, np.float32)
     return [rng.integers(-127, 128, s).astype(np.int8) for s in shapes], (per_channel, per_channel)
 

@@ -153,7 +153,10 @@ def build_attention_graph(cfg: VL2Config, layer: int, get: Callable[[str], np.nd
         g.op("Reshape", [logits, g.const("router_shape", np.array([-1, E], np.int64))], out_names=["router_logits"])
         g.output("router_logits", "router_logits", np.float32, ["T", E])
     for name in presents:  # the ops' own outputs, no Identity: the bound cache buffer is written in place
-        g.output(name, name, cache_dtype, cache_shape)
+        if name == "latent_scale_new":  # the 8-bit latent cache's token scales (export/latent_cache.py)
+            g.output(name, name, np.float32, ["T", 1])
+        else:
+            g.output(name, name, cache_dtype, cache_shape)
     return g
 
 
@@ -302,8 +305,10 @@ def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids
       whose per-head fused softmax keeps a chunk's [T, P + T] scores in cache; the GEMM form's elementwise passes over
       all heads' scores at once made 3.9k-token prefill 14% slower and its peak RSS 0.4 GB higher (measured). Copying
       the prefix once per chunk costs little next to the chunk's work.
-    kv_scales [width]: the cache holds uint8 codes (export/latent_cache.py); the new rows are written quantized, the
-    decode products read the codes on integer GEMMs, a prefill chunk dequantizes the prefix it copies anyway."""
+    kv_scales [width]: the cache holds uint8 codes with a scale per token (export/latent_cache.py; kv_scales is its
+    per-channel equalizer): the new rows are written quantized with their scales (`latent_scale_new` [T, 1], bound
+    over the scale buffer's next rows like `latent_new`; `past_latent_scale` [P, 1] the prefix's), the decode
+    products read the codes on integer GEMMs, a prefill chunk dequantizes the prefix it copies anyway."""
     from .latent_cache import LatentCodec
     from .onnx_builder import MS_DOMAIN
     nh, r, width = L.num_attention_heads, L.kv_lora_rank, L.kv_lora_rank + L.qk_rope_head_dim
@@ -316,8 +321,9 @@ def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids
     new = g.op("Reshape", [latent, g.const("latent_rows", i64(-1, width))],
                **({"out_names": ["latent_new"]} if codec is None else {"hint": "latent_rows"}))  # [T, width] fp32
     if codec is not None:
-        codec.write(g, new, "latent_new")
+        codec.write(g, new, "latent_new", "latent_scale_new")
     past = g.input("past_latent", io_dtype if codec is None else np.uint8, ["P", width])
+    past_tok = None if codec is None else g.input("past_latent_scale", np.float32, ["P", 1])
     t = g.op("Squeeze", [g.op("Shape", [new], start=0, end=1)])
     decoding = g.op("Equal", [t, g.const("one", np.array(1, np.int64))], hint="decoding")
 
@@ -334,7 +340,7 @@ def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids
         q_t = d.op("Transpose", [d.op("Mul", [q, d.const("scale", np.array(scale, io_dtype))])], perm=[1, 0])
         s_past = d.op("Transpose", [d.op("MatMul", [past, q_t], hint="scores_past")], perm=[1, 0])  # [nh, P]
     else:
-        s_past = codec.scores(d, past, q)  # the softmax scale folded into its query scales
+        s_past = codec.scores(d, past, past_tok, q)  # the softmax scale folded into its query scales
     s_new = d.op("Gemm", [q, new], hint="scores_new", transB=1, alpha=scale)  # [nh, 1]
     # positive axes: ORT 1.31 reduces an empty [nh, 0] (P = 0) along axis 1 to [nh, 1] of -inf (max) and 0 (sum),
     # as ONNX specifies, but along axis -1 to an empty [nh, 0]
@@ -343,7 +349,8 @@ def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids
     p_past = d.op("Exp", [d.op("Sub", [s_past, m])], hint="p_past")  # [nh, P]
     p_new = d.op("Exp", [d.op("Sub", [s_new, m])], hint="p_new")  # [nh, 1]
     den = d.op("Add", [d.op("ReduceSum", [p_past, ax1], keepdims=1), p_new], hint="denominator")
-    ctx_past = d.op("MatMul", [p_past, past], hint="ctx_past") if codec is None else codec.attend(d, p_past, past)
+    ctx_past = d.op("MatMul", [p_past, past], hint="ctx_past") if codec is None else codec.attend(d, p_past, past,
+                                                                                                  past_tok)
     ctx = d.op("Add", [ctx_past, d.op("Mul", [p_new, new], hint="ctx_new")])
     ctx = d.op("Div", [d.op("Slice", [ctx, d.const("ctx_start", i64(0)), d.const("ctx_end", i64(r)),
                                       d.const("ctx_axis", i64(1))]), den])  # [nh, r]
@@ -354,7 +361,7 @@ def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids
     p = g.branch("prefill")
     q_full = p.op("Reshape", [_absorbed_query(p, L, q_nope, q_pe, w_uk, decoding=False),
                               p.const("q_packed", i64(1, -1, nh * width))])
-    past_rows = past if codec is None else codec.read(p, past)
+    past_rows = past if codec is None else codec.read(p, past, past_tok)
     past4 = p.op("Reshape", [past_rows, p.const("past_4d", i64(1, 1, -1, width))])
     attn = p.op("GroupQueryAttention", [q_full, latent, latent, past4, past4, seqlens_k, total], n_out=3,
                 domain=MS_DOMAIN, hint="gqa", num_heads=nh, kv_num_heads=1, scale=scale, do_rotary=0)[0]
@@ -364,28 +371,40 @@ def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids
              [1, "T", nh * L.v_head_dim])
 
     attn = g.op("If", [decoding], hint="attention", then_branch=d.graph_proto(), else_branch=p.graph_proto())
-    return attn, ["latent_new"], ["T", width]
+    return attn, ["latent_new"] + ([] if codec is None else ["latent_scale_new"]), ["T", width]
 
 
 # --- cache buffers and running one step ----------------------------------------------------------------------
 
-def cache_shapes(cfg: VL2Config | LanguageConfig, max_len: int) -> list[tuple[int, ...]]:
-    """Shapes of one layer's cache buffers: MHA [k, v], MLA [latent]."""
+def cache_shapes(cfg: VL2Config | LanguageConfig, max_len: int, dtype=np.float32) -> list[tuple[int, ...]]:
+    """Shapes of one layer's cache buffers: MHA [k, v], MLA [latent], and the 8-bit (uint8) latent cache's token
+    scales [latent, scales] (export/latent_cache.py)."""
     L = _lang(cfg)
     if L.use_mla:
-        return [(1, 1, max_len, L.kv_lora_rank + L.qk_rope_head_dim)]
+        latent = [(1, 1, max_len, L.kv_lora_rank + L.qk_rope_head_dim)]
+        return latent + [(1, 1, max_len, 1)] if np.dtype(dtype) == np.uint8 else latent
     return [(1, L.num_key_value_heads, max_len, L.head_dim)] * 2
 
 
+def cache_dtypes(cfg: VL2Config | LanguageConfig, dtype) -> list[np.dtype]:
+    """Each of one layer's buffers' element type: the cache's, and fp32 for the latent's token scales."""
+    n = len(cache_shapes(cfg, 1, dtype))
+    return [np.dtype(dtype)] + [np.dtype(np.float32) if _lang(cfg).use_mla else np.dtype(dtype)] * (n - 1)
+
+
 def new_cache_arrays(cfg: VL2Config | LanguageConfig, max_len: int, dtype=np.float32) -> list[list[np.ndarray]]:
-    """Zeroed cache buffers, one list per layer: MHA [past_key, past_value], MLA [past_latent]."""
+    """Zeroed cache buffers, one list per layer: MHA [past_key, past_value], MLA [past_latent (, its scales)]."""
     L = _lang(cfg)
-    return [[np.zeros(s, dtype) for s in cache_shapes(L, max_len)] for _ in range(L.num_hidden_layers)]
+    return [[np.zeros(s, d) for s, d in zip(cache_shapes(L, max_len, dtype), cache_dtypes(L, dtype), strict=True)]
+            for _ in range(L.num_hidden_layers)]
 
 
 def cache_bytes_per_token(cfg: VL2Config | LanguageConfig, dtype=np.float16) -> int:
-    """Cache bytes per token, all layers: MHA layers*2*kvH*head_dim*itemsize, MLA layers*(r + rope)*itemsize."""
-    return _lang(cfg).cache_elements_per_token * np.dtype(dtype).itemsize
+    """Cache bytes per token, all layers: MHA layers*2*kvH*head_dim*itemsize, MLA layers*(r + rope)*itemsize, plus
+    4 bytes per layer for the 8-bit latent cache's token scale."""
+    L = _lang(cfg)
+    scale = 4 * L.num_hidden_layers if L.use_mla and np.dtype(dtype) == np.uint8 else 0
+    return L.cache_elements_per_token * np.dtype(dtype).itemsize + scale
 
 
 def cache_ortvalues(arrays: Sequence[np.ndarray]) -> list:
@@ -416,12 +435,15 @@ def bind_cache(binding, kind: str, buffers: Sequence, past_len: int, t: int, dev
     buffer's first past_len rows as the read-only `past_latent`, and its next t rows as the `latent_new` output,
     by address, so the graph writes the new rows straight into the buffer (no copy, nothing reallocated)."""
     if kind == MLA_LATENT:
-        (buf,) = buffers
+        buf, *scales = buffers
         dtype = _ONNX_TO_NP[buf.data_type()]
         width = buf.shape()[-1]
         row = width * np.dtype(dtype).itemsize
         binding.bind_input("past_latent", device, 0, dtype, [past_len, width], buf.data_ptr())
         binding.bind_output("latent_new", device, 0, dtype, [t, width], buf.data_ptr() + past_len * row)
+        for tok in scales:  # the 8-bit cache's token scales, [P, 1] fp32, the same way
+            binding.bind_input("past_latent_scale", device, 0, np.float32, [past_len, 1], tok.data_ptr())
+            binding.bind_output("latent_scale_new", device, 0, np.float32, [t, 1], tok.data_ptr() + past_len * 4)
     elif kind == MLA_GQA:
         (buf,) = buffers
         binding.bind_ortvalue_input("past_latent", buf)
@@ -464,8 +486,10 @@ def run_attention_step(session, buffers: Sequence, hidden: np.ndarray, past_len:
     if past_len < 0 or past_len + t > max_len:
         raise ValueError(f"{past_len} + {t} tokens do not fit the cache of {max_len}")
     kind = session_attention_kind(session)
-    if len(buffers) != (2 if kind == MHA_GQA else 1):
-        what = "two cache buffers (key, value)" if kind == MHA_GQA else "one cache buffer (latent)"
+    scaled = "past_latent_scale" in in_types  # the 8-bit latent cache's token scales (export/latent_cache.py)
+    if len(buffers) != (2 if kind == MHA_GQA or scaled else 1):
+        what = ("two cache buffers (key, value)" if kind == MHA_GQA else "two cache buffers (latent codes, token "
+                "scales)" if scaled else "one cache buffer (latent)")
         raise ValueError(f"a {kind} layer has {what}")
 
     b = session.io_binding()

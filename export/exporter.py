@@ -59,7 +59,7 @@ import numpy as np
 from ..model.checkpoint import Checkpoint
 from ..model.config import VL2Config
 from ..quant.report import QualityReport
-from .attention import attention_kind, build_attention_graph, cache_bytes_per_token, cache_shapes
+from .attention import attention_kind, build_attention_graph, cache_bytes_per_token, cache_dtypes, cache_shapes
 from .embedding import KEY as EMBED_KEY
 from .embedding import build_embedding_graph
 from .head import build_head_graph
@@ -376,8 +376,11 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
                 plan.get("attention", plan["linear"]), io_dtype) else {}),
             "attention": {"kind": attention_kind(cfg, io_dtype), "max_len": max_len,
                           "cache": {"dtype": cache_dtype.name,
-                                    "buffers_per_layer": [list(s) for s in cache_shapes(cfg, max_len)]}
-                          | ({"scales": "static per (kv head, channel), graph initializers",
+                                    "buffers_per_layer": [list(s) for s in cache_shapes(cfg, max_len, cache_dtype)],
+                                    "buffer_dtypes": [d.name for d in cache_dtypes(cfg, cache_dtype)]}
+                          | ({"scales": "per token (a second buffer, written with the rows) over a static "
+                                        "per-channel equalizer (graph initializers)" if L.use_mla else
+                                        "static per (kv head, channel), graph initializers",
                               "calibration": calibration_kv.info | {"headroom": HEADROOM}} if calibration_kv else {}),
                           "cache_bytes_per_token": cache_bytes_per_token(cfg, cache_dtype)},
             "graphs": {**graphs, "layers": layers},

@@ -6,19 +6,28 @@ makes a step grow with context. At one byte per value the products run on MLAS's
 cache's resident size drops 4x (255 -> 64 MB at 4096 tokens).
 
 Layout (written here and nowhere else): per token the row [c_kv | k_pe] (width kv_lora_rank + qk_rope_head_dim) as
-uint8 codes round(x / scale) + 128, saturated to [0, 255] (QuantizeLinear); one static fp32 scale per channel
-(`scales` [width]), measured at export time (export/kv_calibration.latent_scales). uint8 with zero point 128 rather
-than int8 because the scores product needs the cache as MatMulInteger's A, and MLAS's fast x86 kernels take an
-unsigned A (measured at 4000 tokens, real Small dims, 2 threads: u8 A x s8 B 319 us per layer, s8 A x s8 B 1351 us).
+uint8 codes round(x / (chan * tok)) + 128, and beside them that token's scale `tok` (fp32, a second buffer
+[max_len, 1]):
+  chan [width]  a static per-channel equalizer measured at export (export/kv_calibration.latent_scales): it only
+                evens out the channels' ranges (c_kv's normed channels and k_pe's rotated pairs differ) so that one
+                scale per token fits them all; it never clips anything;
+  tok           max over the row of |x / chan| / 127, computed when the row is written: the codes always span the
+                row's own range, whatever the calibration saw. A user's input that drives the latents beyond the
+                calibration set's range widens its rows' scales instead of saturating them.
+(Until format 5 the scale was static per channel with 25% headroom: rows beyond it clipped, and every later token
+of every head read the clipped latent; a held-out checkpoint lost 0.012 of worst cosine and 0.06 of top-1 to it.)
+uint8 with zero point 128 rather than int8 because the scores product needs the cache as MatMulInteger's A, and
+MLAS's fast x86 kernels take an unsigned A (measured at 4000 tokens, real Small dims, 2 threads: u8 A x s8 B 319 us
+per layer, s8 A x s8 B 1351 us).
 
 Decode (T = 1), with q [nh, width] the absorbed queries:
-  scores: the softmax scale and the per-channel scales are folded into q (one constant), which is then quantized to
-    int8 per head (per tensor was 3.5x the error: the heads' ranges differ); MatMulInteger(cache u8 - 128, q8^T)
-    -> [P, nh] int32, times the per-head scale.
-  attended latents: p = exp(s - m) lies in [0, 1] (m is the row's max), so it is quantized statically with
-    scale 1/255 to uint8; MatMulInteger(p8, cache u8 - 128) -> [nh, width] int32, times scales / 255. The softmax's
-    denominator stays the fp32 sum of p (closer to the reference than the sum of the rounded p, measured).
-A prefill chunk dequantizes the prefix once (DequantizeLinear per channel) and attends in fp32.
+  scores: the softmax scale and chan are folded into q (one constant), which is then quantized to int8 per head (per
+    tensor was 3.5x the error: the heads' ranges differ); MatMulInteger(cache u8 - 128, q8^T) -> [P, nh] int32,
+    times each row's token scale and each head's query scale.
+  attended latents: p = exp(s - m) lies in [0, 1] (m is the row's max); p * tok (the token scales folded in) is
+    quantized to uint8 with one scale per head (its max / 255); MatMulInteger(p8, cache u8 - 128) -> [nh, width]
+    int32, times the head's scale and chan. The softmax's denominator stays the fp32 sum of p.
+A prefill chunk dequantizes the prefix once (codes - 128) * chan * tok and attends in fp32.
 """
 
 from __future__ import annotations
@@ -27,60 +36,80 @@ import numpy as np
 
 ZERO_POINT = 128
 QMAX = 127
+TINY = np.float32(np.finfo(np.float32).tiny)  # the scale of an all-zero row (or head): its codes stay 0
 
 
-def quantize_latent(x: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """The rule the graph writes rows with (QuantizeLinear, round half to even): x [..., width] -> uint8 codes."""
-    return np.clip(np.rint(x / scales) + ZERO_POINT, 0, 255).astype(np.uint8)
+def token_scales(x: np.ndarray, chan: np.ndarray) -> np.ndarray:
+    """x [T, width] -> each row's scale [T, 1]: max |x / chan| / 127."""
+    return np.maximum(np.abs(x / chan).max(-1, keepdims=True) / QMAX, TINY).astype(np.float32)
 
 
-def dequantize_latent(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    return (codes.astype(np.float32) - ZERO_POINT) * scales
+def quantize_latent(x: np.ndarray, chan: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rule the graph writes rows with: x [T, width] -> (uint8 codes [T, width], token scales [T, 1])."""
+    tok = token_scales(x, chan)
+    return np.clip(np.rint(x / chan / tok) + ZERO_POINT, 0, 255).astype(np.uint8), tok
+
+
+def dequantize_latent(codes: np.ndarray, tok: np.ndarray, chan: np.ndarray) -> np.ndarray:
+    return (codes.astype(np.float32) - ZERO_POINT) * chan * tok
 
 
 class LatentCodec:
     """The constants of one layer's 8-bit latent cache in graph `g` (shared by the If's branches); softmax_scale is
     the attention's, folded into the queries' channel scales."""
 
-    def __init__(self, g, layer_name: str, scales: np.ndarray, softmax_scale: float):
-        scales = np.asarray(scales, np.float32)
-        width = scales.shape[0]
-        self.scales = g.const(layer_name + ".latent_scales", scales)
-        self.q_scales = g.const(layer_name + ".latent_q_scales", scales * np.float32(softmax_scale))
+    def __init__(self, g, layer_name: str, chan: np.ndarray, softmax_scale: float):
+        chan = np.asarray(chan, np.float32)
+        width = chan.shape[0]
+        self.chan = g.const(layer_name + ".latent_chan", chan)
+        self.inv_chan = g.const(layer_name + ".latent_inv_chan", (1 / chan).astype(np.float32))
+        self.q_scales = g.const(layer_name + ".latent_q_scales", chan * np.float32(softmax_scale))
         self.zero_u8 = g.const(layer_name + ".zero_u8", np.array(0, np.uint8))
         self.zero = g.const(layer_name + ".latent_zero", np.full(width, ZERO_POINT, np.uint8))
         self.zero_scalar = g.const(layer_name + ".latent_zero_scalar", np.array(ZERO_POINT, np.uint8))
-        self.ctx_scales = g.const(layer_name + ".latent_ctx_scales", (scales / 255).astype(np.float32))
 
-    def write(self, b, rows: str, out_name: str) -> str:
-        """fp32 rows [T, width] -> the uint8 codes the cache stores, as the op's own output `out_name` (the graph
-        output bound over the cache's rows: no copy)."""
-        # saturates to [0, 255]; the calibration's headroom keeps the calibration's rows inside [-127, 127] + 128
-        return b.op("QuantizeLinear", [rows, self.scales, self.zero], out_names=[out_name], axis=1)
+    @staticmethod
+    def _row_scale(b, x: str, axis: int, qmax: float, hint: str, out: str | None = None) -> str:
+        """max |x| along `axis` / qmax, kept as a [.., 1] column, floored at TINY (`out`: the output's own name)."""
+        m = b.op("ReduceMax", [b.op("Abs", [x]), b.const(hint + "_axis", np.array([axis], np.int64))], keepdims=1)
+        return b.op("Max", [b.op("Div", [m, b.const(hint + "_qmax", np.array(qmax, np.float32))]),
+                            b.const(hint + "_floor", np.array(TINY, np.float32))],
+                    **({"out_names": [out]} if out else {"hint": hint}))
 
-    def read(self, b, codes: str) -> str:
-        """uint8 codes [P, width] -> fp32 rows (a prefill chunk's copy of the prefix)."""
-        return b.op("DequantizeLinear", [codes, self.scales, self.zero], hint="latent_dequant", axis=1)
+    def write(self, b, rows: str, out_codes: str, out_scales: str) -> None:
+        """fp32 rows [T, width] -> the uint8 codes and the token scales [T, 1] the cache stores, as the ops' own
+        outputs (graph outputs bound over the cache's rows: no copy)."""
+        y = b.op("Mul", [rows, self.inv_chan], hint="latent_equalized")
+        tok = self._row_scale(b, y, 1, QMAX, "latent_tok", out=out_scales)
+        codes = b.op("Add", [b.op("Round", [b.op("Div", [y, tok])]), b.const("latent_zp_f", np.array(ZERO_POINT,
+                                                                                                      np.float32))])
+        lo, hi = b.const("latent_lo", np.array(0, np.float32)), b.const("latent_hi", np.array(255, np.float32))
+        b.op("Cast", [b.op("Clip", [codes, lo, hi])], out_names=[out_codes], to=2)
 
-    def scores(self, b, past: str, q: str) -> str:
-        """q [nh, width] (before the softmax scale) against the cached codes [P, width] -> scaled scores [nh, P]."""
+    def read(self, b, codes: str, tok: str) -> str:
+        """uint8 codes [P, width] and their token scales [P, 1] -> fp32 rows (a prefill chunk's copy of the prefix)."""
+        rows = b.op("DequantizeLinear", [codes, self.chan, self.zero], hint="latent_dequant", axis=1)
+        return b.op("Mul", [rows, tok], hint="latent_rows_read")
+
+    def scores(self, b, past: str, tok: str, q: str) -> str:
+        """q [nh, width] (before the softmax scale) against the cached codes [P, width] with their token scales
+        [P, 1] -> scaled scores [nh, P]."""
         qs = b.op("Mul", [q, self.q_scales], hint="q_cache_scaled")
-        ax1 = b.const("q_absmax_axis", np.array([1], np.int64))
-        q_scale = b.op("Div", [b.op("ReduceMax", [b.op("Abs", [qs]), ax1], keepdims=1),
-                               b.const("q_qmax", np.array(QMAX, np.float32))], hint="q_head_scale")  # [nh, 1]
-        # an all-zero head (scale 0) would divide by zero; the smallest normal float keeps its codes 0
-        q_scale = b.op("Max", [q_scale, b.const("q_scale_floor", np.array(np.finfo(np.float32).tiny, np.float32))])
+        q_scale = self._row_scale(b, qs, 1, QMAX, "q_head_scale")  # [nh, 1]
         q8 = b.op("Cast", [b.op("Clip", [b.op("Round", [b.op("Div", [qs, q_scale])]),
                                          b.const("q_lo", np.array(-QMAX, np.float32)),
                                          b.const("q_hi", np.array(QMAX, np.float32))])], hint="q_int8", to=3)
         acc = b.op("MatMulInteger", [past, b.op("Transpose", [q8], perm=[1, 0]), self.zero_scalar],
                    hint="scores_past_int")  # [P, nh]
-        return b.op("Mul", [b.op("Cast", [b.op("Transpose", [acc], perm=[1, 0])], to=1),
-                            q_scale], hint="scores_past")  # [nh, P]
+        per_token = b.op("Mul", [b.op("Cast", [acc], to=1), tok], hint="scores_past_tok")  # [P, nh]
+        return b.op("Mul", [b.op("Transpose", [per_token], perm=[1, 0]), q_scale], hint="scores_past")  # [nh, P]
 
-    def attend(self, b, p: str, past: str) -> str:
-        """p [nh, P] in [0, 1] against the cached codes -> sum_t p[h, t] * row_t, [nh, width] fp32."""
-        p8 = b.op("QuantizeLinear", [p, b.const("p_scale", np.array(1 / 255, np.float32)), self.zero_u8],
-                  hint="p_uint8")
+    def attend(self, b, p: str, past: str, tok: str) -> str:
+        """p [nh, P] in [0, 1] against the cached codes and token scales -> sum_t p[h, t] * row_t, [nh, width]."""
+        pt = b.op("Mul", [p, b.op("Transpose", [tok], perm=[1, 0])], hint="p_tok")  # [nh, P]
+        p_scale = self._row_scale(b, pt, 1, 255.0, "p_head_scale")  # [nh, 1]
+        p8 = b.op("Cast", [b.op("Clip", [b.op("Round", [b.op("Div", [pt, p_scale])]),
+                                         b.const("p_lo", np.array(0, np.float32)),
+                                         b.const("p_hi", np.array(255, np.float32))])], hint="p_uint8", to=2)
         acc = b.op("MatMulInteger", [p8, past, self.zero_u8, self.zero_scalar], hint="ctx_past_int")
-        return b.op("Mul", [b.op("Cast", [acc], to=1), self.ctx_scales], hint="ctx_past")
+        return b.op("Mul", [b.op("Mul", [b.op("Cast", [acc], to=1), self.chan]), p_scale], hint="ctx_past")

@@ -12,8 +12,9 @@ Top-level keys:
                            kv_cache: {kind: "int8" | "float", asked: the --kv-cache option}; mla_absorbed (MLA
                            fp32 artifacts with quantized attention): W_UK / W_UV int8 (export/mla_absorb.py)
   attention                kind ("mha_gqa" | "mla_latent_matmul" (fp32) | "mla_absorbed_gqa" (fp16)), max_len, cache
-                           (per-layer buffers, their dtype: the io dtype, or int8 (MHA) / uint8 (MLA) codes with
-                           their calibration), bytes/token
+                           (per-layer buffers and, from format 5, each one's dtype (buffer_dtypes): the io dtype, or
+                           int8 (MHA) / uint8 (MLA, with an fp32 token-scale buffer) codes with their calibration),
+                           bytes/token
   graphs                   vision, embedding, head: {file, inputs, outputs}; layers: [{attention, mlp, moe}];
                            vision_parts (optional; a runtime that ignores it runs vision.onnx as before): the tower
                            as runs of blocks whose weights are vision.onnx.data's own (exporter.VISION_PART_BYTES)
@@ -30,9 +31,10 @@ from pathlib import Path
 
 FORMAT = "vl2edge-artifact"
 # 2: MLA attention kind mla_latent_matmul on fp32 artifacts; 3: the cache may be int8; 4: the MLA latent cache may be
-# uint8 (export/latent_cache.py), which a version-3 runtime would misread as float
-FORMAT_VERSION = 4
-READABLE_FORMAT_VERSIONS = (1, 2, 3, 4)  # 1 differs from 2 only in that kind, which the runtime still runs
+# uint8 (export/latent_cache.py), which a version-3 runtime would misread as float; 5: the uint8 latent cache has a
+# scale per token, an fp32 buffer beside the codes (attention.cache.buffer_dtypes), which a version-4 runtime lacks
+FORMAT_VERSION = 5
+READABLE_FORMAT_VERSIONS = (1, 2, 3, 4, 5)  # 1 differs from 2 only in that kind, which the runtime still runs
 MANIFEST = "manifest.json"
 
 # onnx.TensorProto element types -> numpy dtype names (no onnx import needed to read a manifest)

@@ -128,6 +128,17 @@ _TEST_SMALL_LM = {**_TEST_COMMON_LM, **_TEST_MLA, "n_group": 1, "topk_group": 1,
 _TEST_VL2_LM = {**_TEST_COMMON_LM, **_TEST_MLA, "n_group": 4, "topk_group": 2, "norm_topk_prob": True,
                 "routed_scaling_factor": 2.0, "scoring_func": "sigmoid", "topk_method": "noaux_tc"}
 
+# Held-out dims (bench/heldout.py): one checkpoint per attention kind unlike the test presets, never used to choose a
+# default: grouped KV heads (8 query heads on 2; Tiny has one per query head), wider latents, 24 experts, 4 layers.
+_HELDOUT_COMMON_LM = {**_TEST_COMMON_LM, "hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 64,
+                      "n_routed_experts": 24, "n_shared_experts": 1, "num_experts_per_tok": 4, "num_hidden_layers": 4}
+_HELDOUT_MHA_LM = {**_HELDOUT_COMMON_LM, "kv_lora_rank": None, "n_group": 1, "num_attention_heads": 8,
+                   "num_key_value_heads": 2, "qk_nope_head_dim": 0, "qk_rope_head_dim": 0, "topk_group": 1,
+                   "topk_method": "greedy", "use_mla": False, "v_head_dim": 0}
+_HELDOUT_MLA_LM = {**_HELDOUT_COMMON_LM, "kv_lora_rank": 64, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16,
+                   "v_head_dim": 32, "num_attention_heads": 4, "num_key_value_heads": 4, "n_group": 1,
+                   "topk_group": 1, "topk_method": "greedy"}
+
 PRESETS: dict[str, tuple[dict, dict]] = {
     # name: (vision_config, language_config)
     "tiny": (REAL_VISION, _TINY_LM),
@@ -136,6 +147,8 @@ PRESETS: dict[str, tuple[dict, dict]] = {
     "test-tiny": (_TEST_VISION, _TEST_TINY_LM),
     "test-small": (_TEST_VISION, _TEST_SMALL_LM),
     "test-vl2": (_TEST_VISION, _TEST_VL2_LM),
+    "heldout-mha": (_TEST_VISION, _HELDOUT_MHA_LM),
+    "heldout-mla": (_TEST_VISION, _HELDOUT_MLA_LM),
 }
 REAL_PRESETS = ("tiny", "small", "vl2")
 TEST_PRESETS = ("test-tiny", "test-small", "test-vl2")

@@ -10,6 +10,10 @@ sane range through all layers: linear weights ~ N(0, 1/fan_in), residual-branch 
 1/sqrt(2 * layers) so the residual stream does not grow with depth, norm weights ~ 1 + N(0, 0.1^2).
 Each tensor is drawn from its own generator seeded by (seed, key), so `--layers N` keeps the first N layers
 identical to the full model's.
+`init="heavy"` (`--init heavy`): the statistics trained models have and this init does not, for checkpoints that
+nothing was tuned on (bench/heldout.py): weights drawn from a Student t (3 degrees of freedom, same variance), a
+few outlier channels in every norm weight (1 in 32 scaled x6) and a few token embeddings with large norms (1 in 20
+rows x4): inputs that touch them drive activations far beyond what a calibration text sees.
 
 Streaming: tensors are generated and written one at a time, so the peak memory is one tensor (the 129280 x 2560
 embedding: ~1.3 GB in fp32) whatever the model size. The safetensors library has no streaming writer (save_file
@@ -49,10 +53,27 @@ def _is_residual_output(name: str) -> bool:
     return name.endswith(("o_proj.weight", "down_proj.weight", "attn.proj.weight", "mlp.fc2.weight"))
 
 
-def init_tensor(name: str, shape: tuple[int, ...], cfg: VL2Config, seed: int) -> torch.Tensor:
-    """The fp32 random value of one checkpoint tensor (deterministic in seed and name)."""
+INITS = ("default", "heavy")
+
+
+def _heavy_tailed(shape, g) -> torch.Tensor:
+    """Student t with 3 degrees of freedom, scaled to unit variance (t3's is 3)."""
+    z = torch.randn(shape, generator=g, dtype=torch.float32)
+    chi2 = sum(torch.randn(shape, generator=g, dtype=torch.float32) ** 2 for _ in range(3))
+    return z / torch.sqrt(chi2 / 3) / math.sqrt(3)
+
+
+def init_tensor(name: str, shape: tuple[int, ...], cfg: VL2Config, seed: int, init: str = "default") -> torch.Tensor:
+    """The fp32 random value of one checkpoint tensor (deterministic in seed, name and init)."""
     g = torch.Generator().manual_seed(_tensor_seed(seed, name))
-    x = torch.randn(shape, generator=g, dtype=torch.float32)
+    x = torch.randn(shape, generator=g, dtype=torch.float32) if init == "default" else _heavy_tailed(shape, g)
+    if init == "heavy" and len(shape) >= 1:
+        rows = torch.rand(shape[0], generator=g) < (1 / 20 if name.endswith("embed_tokens.weight") else 0)
+        x[rows] *= 4  # token embeddings with large norms
+        if "norm" in (name.split(".")[-2] if "." in name else "") and name.endswith("weight"):
+            x = x.clone()
+            outliers = torch.rand(shape, generator=g) < 1 / 32
+            return torch.where(outliers, 6.0 * (1.0 + 0.1 * x), 1.0 + 0.1 * x)
     parts = name.split(".")
     leaf, module = parts[-1], (parts[-2] if len(parts) > 1 else "")
     if name in ("image_newline", "view_seperator", "language.model.embed_tokens.weight"):
@@ -123,8 +144,11 @@ def _split_shards(entries, n_shards: int) -> list[list]:
 
 
 def synthesize(out: str | Path, preset: str, seed: int = 0, layers: int | None = None, force: bool = False,
-               progress: bool = True) -> Path:
-    """Write a checkpoint directory for `preset`; returns its path."""
+               progress: bool = True, init: str = "default") -> Path:
+    """Write a checkpoint directory for `preset`; returns its path. init: the weights' statistics (INITS; see
+    the module docstring)."""
+    if init not in INITS:
+        raise ValueError(f"init {init!r}: choose one of {INITS}")
     out = Path(out)
     # Check the preset and --layers before touching the output: a bad argument must not delete anything.
     config_dict = preset_config(preset, layers)
@@ -162,7 +186,7 @@ def synthesize(out: str | Path, preset: str, seed: int = 0, layers: int | None =
     for fname, shard in zip(names, shards):
         w = _ShardWriter(out / fname, shard)
         for name, shape, dtype in shard:
-            t = init_tensor(name, shape, init_cfg, seed).to(dtype)
+            t = init_tensor(name, shape, init_cfg, seed, init).to(dtype)
             w.write(name, t)
             total_bytes += t.numel() * t.element_size()
             weight_map[name] = fname

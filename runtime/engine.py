@@ -205,7 +205,11 @@ class Engine:
         self.timings = StepTimings()
         # int8 (MHA) or uint8 (MLA) codes: export/kv_calibration.py
         self.cache_dtype = np.dtype(m["attention"]["cache"].get("dtype", m["io_dtype"]))
-        self._allocate_caches([tuple(s) for s in m["attention"]["cache"]["buffers_per_layer"]], len(g["layers"]))
+        shapes = [tuple(s) for s in m["attention"]["cache"]["buffers_per_layer"]]
+        # format 5: the 8-bit latent cache's token scales are an fp32 buffer beside the codes
+        names = m["attention"]["cache"].get("buffer_dtypes", [self.cache_dtype.name] * len(shapes))
+        dtypes = [np.dtype(d) for d in names]
+        self._allocate_caches(shapes, dtypes, len(g["layers"]))
         self.length = 0
 
     @property
@@ -284,24 +288,25 @@ class Engine:
         page_out_files(self.artifact.path(file))
         return session
 
-    def _allocate_caches(self, shapes: list[tuple[int, ...]], n_layers: int) -> None:
+    def _allocate_caches(self, shapes: list[tuple[int, ...]], dtypes: list[np.dtype], n_layers: int) -> None:
         """One set of buffers per layer, bound in place at every step. On CPU the OrtValues share the numpy arrays'
         memory; on CUDA they live on the device."""
         self.cache_arrays, self.caches = [], []
+        self._cache_dtypes = dtypes
         for _ in range(n_layers):
             if self.provider == "cuda":
-                vals = [ort.OrtValue.ortvalue_from_shape_and_type(list(s), self.cache_dtype.type, "cuda", 0)
-                        for s in shapes]
+                vals = [ort.OrtValue.ortvalue_from_shape_and_type(list(s), d.type, "cuda", 0)
+                        for s, d in zip(shapes, dtypes, strict=True)]
                 arrays = None
             else:
-                arrays = [np.zeros(s, self.cache_dtype) for s in shapes]
+                arrays = [np.zeros(s, d) for s, d in zip(shapes, dtypes, strict=True)]
                 vals = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
             self.cache_arrays.append(arrays)
             self.caches.append(vals)
 
     def cache_nbytes(self) -> int:
-        return sum(v.numpy().nbytes if self.provider == "cpu" else int(np.prod(v.shape())) * self.cache_dtype.itemsize
-                   for layer in self.caches for v in layer)
+        return sum(v.numpy().nbytes if self.provider == "cpu" else int(np.prod(v.shape())) * d.itemsize
+                   for layer in self.caches for v, d in zip(layer, self._cache_dtypes))
 
     def reset(self) -> None:
         """Forget the conversation (the buffers are kept and overwritten)."""
