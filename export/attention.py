@@ -317,7 +317,7 @@ def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids
                                                                          report, x, position_ids)
     latent = g.op("Concat", [c_kv, k_pe], axis=2, hint="latent_cat")  # [1, T, width]
     scale = float(L.softmax_scale)
-    codec = None if kv_scales is None else LatentCodec(g, pfx + "self_attn", kv_scales, scale)
+    codec = None if kv_scales is None else LatentCodec(g, pfx + "self_attn", kv_scales, scale, nh)
     new = g.op("Reshape", [latent, g.const("latent_rows", i64(-1, width))],
                **({"out_names": ["latent_new"]} if codec is None else {"hint": "latent_rows"}))  # [T, width] fp32
     if codec is not None:

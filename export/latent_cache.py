@@ -58,9 +58,10 @@ class LatentCodec:
     """The constants of one layer's 8-bit latent cache in graph `g` (shared by the If's branches); softmax_scale is
     the attention's, folded into the queries' channel scales."""
 
-    def __init__(self, g, layer_name: str, chan: np.ndarray, softmax_scale: float):
+    def __init__(self, g, layer_name: str, chan: np.ndarray, softmax_scale: float, heads: int):
         chan = np.asarray(chan, np.float32)
         width = chan.shape[0]
+        self.zero_heads = g.const(layer_name + ".zero_u8_heads", np.zeros(heads, np.uint8))
         self.chan = g.const(layer_name + ".latent_chan", chan)
         self.inv_chan = g.const(layer_name + ".latent_inv_chan", (1 / chan).astype(np.float32))
         self.q_scales = g.const(layer_name + ".latent_q_scales", chan * np.float32(softmax_scale))
@@ -108,8 +109,8 @@ class LatentCodec:
         """p [nh, P] in [0, 1] against the cached codes and token scales -> sum_t p[h, t] * row_t, [nh, width]."""
         pt = b.op("Mul", [p, b.op("Transpose", [tok], perm=[1, 0])], hint="p_tok")  # [nh, P]
         p_scale = self._row_scale(b, pt, 1, 255.0, "p_head_scale")  # [nh, 1]
-        p8 = b.op("Cast", [b.op("Clip", [b.op("Round", [b.op("Div", [pt, p_scale])]),
-                                         b.const("p_lo", np.array(0, np.float32)),
-                                         b.const("p_hi", np.array(255, np.float32))])], hint="p_uint8", to=2)
+        # one pass: QuantizeLinear with a scale per head (axis 0), round half to even like np.rint
+        p8 = b.op("QuantizeLinear", [pt, b.op("Reshape", [p_scale, b.const("p_scale_1d", np.array([-1], np.int64))]),
+                                     self.zero_heads], hint="p_uint8", axis=0)
         acc = b.op("MatMulInteger", [p8, past, self.zero_u8, self.zero_scalar], hint="ctx_past_int")
         return b.op("Mul", [b.op("Mul", [b.op("Cast", [acc], to=1), self.chan]), p_scale], hint="ctx_past")
