@@ -102,7 +102,9 @@ def test_manifest_describes_the_artifact(artifacts):
     assert m["quantization"]["mla_absorbed"]["kind"] == "int8"  # W_UK / W_UV (export/mla_absorb.py)
     assert "mla_absorbed" not in open_artifact(artifacts["test-small", "fp32"]).manifest["quantization"]
     assert "mla_absorbed" not in open_artifact(artifacts["test-tiny", "int4"]).manifest["quantization"]  # MHA
-    assert m["attention"]["cache"]["buffers_per_layer"] == [[1, 1, 4096, 32 + 8]]  # latent + rope key only
+    # latent + rope key only, as uint8 codes, and a scale per token (export/latent_cache.py)
+    assert m["attention"]["cache"]["buffers_per_layer"] == [[1, 1, 4096, 32 + 8], [1, 1, 4096, 1]]
+    assert m["attention"]["cache"]["buffer_dtypes"] == ["uint8", "float32"]
     assert len(m["graphs"]["layers"]) == 3 and [x["moe"] for x in m["graphs"]["layers"]] == [False, True, True]
     assert {"tokenizer.json", "processor_config.json", "config.json"} <= set(m["files"])
     assert open_artifact(artifacts["test-tiny", "fp32"]).manifest["attention"]["kind"] == "mha_gqa"
@@ -575,6 +577,8 @@ def test_a_step_keeps_hidden_states_where_the_kernels_run(test_checkpoints, arti
     eng.decode(5)
     outputs = {(name, device) for kind, name, device in log if kind == "bind_output"}
     cache = {("latent_new", eng.device)} if eng.attention_kind == "mla_latent_matmul" else set()  # MLA rows in place
+    if len(eng.caches[0]) == 2 and eng.attention_kind == "mla_latent_matmul":  # and their token scales (8-bit cache)
+        cache.add(("latent_scale_new", eng.device))
     assert outputs == {("hidden_out", eng.device), ("mlp_in", eng.device), ("router_logits", "cpu"),
                        ("logits", "cpu")} | cache
     host_inputs = {name for kind, name, _ in log if kind == "bind_cpu_input"}
