@@ -398,6 +398,13 @@ def test_outside_loopback_a_key_or_no_auth_is_required(host):
     check_exposure(host, ServerOptions(model_id="m", no_auth=True))
 
 
+def test_serve_refuses_the_same_in_python():
+    from vl2edge.runtime.server import serve
+
+    with pytest.raises(ServeConfigError, match="listening on 0.0.0.0 .*needs --api-key"):
+        serve(None, ServerOptions(model_id="m"), host="0.0.0.0", port=0)  # before any model or socket is touched
+
+
 def test_the_serve_command_refuses_an_exposed_address_without_a_key(artifact, tmp_path):
     env = {k: v for k, v in __import__("os").environ.items() if k != "VL2EDGE_API_KEY"}
     for args, what in (([], "needs --api-key KEY"), (["--allowed-media-dir", str(tmp_path / "none")],
