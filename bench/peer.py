@@ -9,8 +9,9 @@ llama-bench and random Q4_0 GGUFs of Tiny's and Small's LM). On this class of ma
 side means anything (the same llama-bench gave 18.9-24.9 tok/s one day and 33.8 another), so every round measures
 both, the side that goes first alternating from round to round, at the same threads and contexts:
   ours    the artifact's Engine in this process: prefill = `prefill` filler tokens into an empty cache (tokens/s);
-          decode at depth d = `decode_tokens` greedy steps after a prefill of max(d, 1) filler tokens, timed
-          step by step (tokens/s = steps / their summed time);
+          decode at depth d = `decode_tokens` greedy steps after a prefill of max(d, 1) filler tokens and
+          WARMUP_STEPS untimed steps, timed step by step (tokens/s = steps / their summed time); a warm-up prefill
+          before the timed one (llama-bench too warms up before each test);
   theirs  `llama-bench -m GGUF -t T -p P -n N -d D1,D2.. -r 1 -o json` (pp P at depth 0, tg N at each depth).
 The ratio of a round is ours / theirs in tokens/s; the report gives its median and range over rounds.
 """
@@ -61,10 +62,15 @@ def llama_bench(binary: Path, gguf: Path, threads: int, prefill: int, decode_tok
     return out
 
 
+WARMUP_STEPS = 4  # untimed decode steps before each timed run, as llama-bench warms up before each test
+
+
 def ours(engine, prefill: int, decode_tokens: int, depths: list[int]) -> dict[str, float]:
     """The same measurements on the runtime's Engine (module docstring)."""
     vocab = engine.config.language.vocab_size
-    ids = np.random.default_rng(0).integers(100, vocab - 100, max([prefill, *depths]) + decode_tokens + 1)
+    ids = np.random.default_rng(0).integers(100, vocab - 100, max([prefill, *depths]) + 1)
+    engine.reset()
+    engine.prefill(engine.embed(ids[:min(prefill, 64)][None]))  # warm-up (llama-bench runs one too)
     engine.reset()
     t0 = time.perf_counter()
     engine.prefill(engine.embed(ids[:prefill][None]))
@@ -73,6 +79,8 @@ def ours(engine, prefill: int, decode_tokens: int, depths: list[int]) -> dict[st
         engine.reset()
         engine.prefill(engine.embed(ids[:max(d, 1)][None]))
         tok, spent = int(ids[max(d, 1)]), 0.0
+        for _ in range(WARMUP_STEPS):
+            tok = int(np.argmax(engine.decode(tok)))
         for _ in range(decode_tokens):
             t0 = time.perf_counter()
             tok = int(np.argmax(engine.decode(tok)))
@@ -92,7 +100,7 @@ def run(artifact, binary, gguf, threads: int = 2, depths=(0, 2048), decode_token
 
     depths = list(depths)
     engine = Engine(artifact, threads=threads, verify="size")
-    if max(depths) + decode_tokens + 1 > engine.max_len or prefill > engine.max_len:
+    if max(depths) + WARMUP_STEPS + decode_tokens + 1 > engine.max_len or prefill > engine.max_len:
         raise ValueError(f"depths {depths} + {decode_tokens} tokens do not fit the artifact's {engine.max_len}")
     ours(engine, min(prefill, 64), 4, [0])  # warm-up: the first runs of every session allocate and pack
     order, got = [], {"ours": [], "theirs": []}
