@@ -72,7 +72,7 @@ HELDOUT = (
 )
 
 
-def heldout_inputs(processor, steps_seed: int = 0) -> list:
+def heldout_inputs(processor) -> list:
     out = []
     for i, (prompt, images) in enumerate(HELDOUT):
         pics = [make(w, h, 100 + 10 * i + j) for j, (make, w, h) in enumerate(images)]

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from vl2edge.bench import crosscheck
-from vl2edge.bench.ort_versions import run_probe
-from vl2edge.bench.platform_probe import child_env, source_path
+from vl2edge.bench.ort_versions import make_venv, run_probe
+from vl2edge.bench.platform_probe import source_path
 from vl2edge.export.ort_compat import parse_version
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,15 +70,7 @@ def venv310():
     py = _python310()
     if py is None:
         pytest.fail("no Python 3.10 interpreter (pyenv's 3.10.13 is on this kind of machine)")
-    d = Path(os.environ.get("TMPDIR", "/tmp")) / "vl2edge-py310"
-    stamp = json.dumps(BASE)
-    vpy = d / "bin" / "python"
-    if not (d / "stamp").is_file() or (d / "stamp").read_text() != stamp:
-        subprocess.run([py, "-m", "venv", "--clear", str(d)], check=True, capture_output=True)
-        p = subprocess.run([str(vpy), "-m", "pip", "install", "-q", "--only-binary=:all:", *BASE],
-                           capture_output=True, text=True)
-        assert p.returncode == 0, p.stderr[-2000:]
-        (d / "stamp").write_text(stamp)
+    vpy = make_venv(Path(os.environ.get("TMPDIR", "/tmp")) / "vl2edge-py310", BASE, python=py)
     # the project itself, fresh each run (pip builds the wheel in an isolated env, setuptools from the index)
     p = subprocess.run([str(vpy), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(ROOT)],
                        capture_output=True, text=True)
@@ -100,7 +92,7 @@ def compat_artifacts(test_checkpoints, tmp_path_factory):
 
 
 def _run(vpy, *args, **kw):
-    env = {k: v for k, v in child_env("").items() if k != "PYTHONPATH"}  # the venv's own vl2edge
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}  # the venv's own vl2edge
     return subprocess.run([str(vpy), *args], capture_output=True, text=True, env=env, timeout=600, **kw)
 
 
