@@ -273,12 +273,12 @@ def _serve(args) -> int:
     from pathlib import Path
 
     try:
-        from .runtime.server import ServerOptions, serve
+        from .serve.server import ServerOptions, serve
     except ImportError as e:
         raise ValueError(f"`vl2edge serve` needs the [server] extra: pip install \"vl2edge[server]\" ({e})") from None
     from .runtime.api import load
-    from .runtime.media_files import allowed_dirs
-    from .runtime.server import check_exposure
+    from .serve.media_files import allowed_dirs
+    from .serve.server import check_exposure
 
     for name, v in (("--max-queue", args.max_queue), ("--max-images", args.max_images),
                     ("--max-body-mb", args.max_body_mb), ("--max-image-pixels", args.max_image_pixels),

@@ -130,7 +130,8 @@ class _HeldRouting:
         self.engine, self.selections, self.done = engine, selections, {}
 
     def __call__(self, i: int, layer, router_logits: np.ndarray):
-        from ..runtime.dispatch import expert_graph_inputs, weights_of
+        from ..contract.routing_feed import expert_graph_inputs
+        from ..runtime.dispatch import weights_of
 
         start = self.done.get(i, 0)
         idx = self.selections[i][start:start + len(router_logits)]

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..export.manifest import FORMAT_VERSION
+from ..contract.manifest import FORMAT_VERSION
 from ..model.presets import PRESETS
 
 

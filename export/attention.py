@@ -2,7 +2,7 @@
 
 One graph per decoder layer, over a preallocated cache of `max_len` positions that is never copied; attention
 reads only the first past_len + T positions (cost grows with the real context, not with max_len). Three forms
-(manifest attention.kind), all bound by `bind_cache` below:
+(manifest attention.kind), all bound by contract/cache.py's `bind_cache` (the format's contract):
   mha_gqa (Tiny) and mla_absorbed_gqa (MLA, fp16/CUDA): ONE com.microsoft GroupQueryAttention (GQA) node appends the
     new tokens IN PLACE: the caller binds the same OrtValue to the past_* input and the present_* output(s)
     (reference: ../shared/reference/onnxruntime.md §1.4).
@@ -63,8 +63,8 @@ Projections go through linear.emit_linear at `prec` (report kinds "attention.qkv
 kv_a_proj_with_mqa fused into one linear), "attention.o"); norms through GraphBuilder.rms_norm (eps from the
 config; kv_a_layernorm 1e-6, the class default the official code builds it with).
 
-The cache helpers and run_attention_step / AttentionSession need only numpy and onnxruntime (the graph builder's
-onnx import is deferred to build_attention_graph), so the torch-free runtime can use them.
+run_attention_step / AttentionSession (tests and probes) need only numpy and onnxruntime (the graph builder's onnx
+import is deferred to build_attention_graph); the cache buffers and their binding are contract/cache.py's.
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from ..contract.cache import (MHA_GQA, MLA_GQA, MLA_LATENT, ONNX_TYPE_DTYPES, bind_cache, bind_step_inputs,
+                              cache_ortvalues, cache_shapes, session_attention_kind)
 from ..model.config import LanguageConfig, VL2Config
 
 if TYPE_CHECKING:
@@ -160,7 +162,6 @@ def build_attention_graph(cfg: VL2Config, layer: int, get: Callable[[str], np.nd
     return g
 
 
-MHA_GQA, MLA_GQA, MLA_LATENT = "mha_gqa", "mla_absorbed_gqa", "mla_latent_matmul"
 
 
 def mla_form(io_dtype) -> str:
@@ -374,100 +375,7 @@ def _mla_latent(g, L, pfx, get, prec, io_dtype, max_len, report, x, position_ids
     return attn, ["latent_new"] + ([] if codec is None else ["latent_scale_new"]), ["T", width]
 
 
-# --- cache buffers and running one step ----------------------------------------------------------------------
-
-def cache_shapes(cfg: VL2Config | LanguageConfig, max_len: int, dtype=np.float32) -> list[tuple[int, ...]]:
-    """Shapes of one layer's cache buffers: MHA [k, v], MLA [latent], and the 8-bit (uint8) latent cache's token
-    scales [latent, scales] (export/latent_cache.py)."""
-    L = _lang(cfg)
-    if L.use_mla:
-        latent = [(1, 1, max_len, L.kv_lora_rank + L.qk_rope_head_dim)]
-        return latent + [(1, 1, max_len, 1)] if np.dtype(dtype) == np.uint8 else latent
-    return [(1, L.num_key_value_heads, max_len, L.head_dim)] * 2
-
-
-def cache_dtypes(cfg: VL2Config | LanguageConfig, dtype) -> list[np.dtype]:
-    """Each of one layer's buffers' element type: the cache's, and fp32 for the latent's token scales."""
-    n = len(cache_shapes(cfg, 1, dtype))
-    return [np.dtype(dtype)] + [np.dtype(np.float32) if _lang(cfg).use_mla else np.dtype(dtype)] * (n - 1)
-
-
-def new_cache_arrays(cfg: VL2Config | LanguageConfig, max_len: int, dtype=np.float32) -> list[list[np.ndarray]]:
-    """Zeroed cache buffers, one list per layer: MHA [past_key, past_value], MLA [past_latent (, its scales)]."""
-    L = _lang(cfg)
-    return [[np.zeros(s, d) for s, d in zip(cache_shapes(L, max_len, dtype), cache_dtypes(L, dtype), strict=True)]
-            for _ in range(L.num_hidden_layers)]
-
-
-def cache_bytes_per_token(cfg: VL2Config | LanguageConfig, dtype=np.float16) -> int:
-    """Cache bytes per token, all layers: MHA layers*2*kvH*head_dim*itemsize, MLA layers*(r + rope)*itemsize, plus
-    4 bytes per layer for the 8-bit latent cache's token scale."""
-    L = _lang(cfg)
-    scale = 4 * L.num_hidden_layers if L.use_mla and np.dtype(dtype) == np.uint8 else 0
-    return L.cache_elements_per_token * np.dtype(dtype).itemsize + scale
-
-
-def cache_ortvalues(arrays: Sequence[np.ndarray]) -> list:
-    """Wrap one layer's numpy cache buffers as CPU OrtValues that SHARE their memory (no copy): what the graph
-    writes is visible in the arrays. Keep the arrays alive as long as the OrtValues."""
-    import onnxruntime as ort
-
-    out = []
-    for a in arrays:
-        if not (a.flags.c_contiguous and a.flags.writeable):
-            raise ValueError("cache buffers must be writeable C-contiguous arrays")
-        out.append(ort.OrtValue.ortvalue_from_numpy(a))
-    return out
-
-
-_ONNX_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8}
-
-
-def session_attention_kind(session) -> str:
-    """MHA_GQA, MLA_GQA or MLA_LATENT, read off an attention session's outputs."""
-    outs = {o.name for o in session.get_outputs()}
-    return MLA_LATENT if "latent_new" in outs else MLA_GQA if "present_latent_key" in outs else MHA_GQA
-
-
-def bind_cache(binding, kind: str, buffers: Sequence, past_len: int, t: int, device: str = "cpu") -> None:
-    """Bind one layer's cache buffers (OrtValues of cache_shapes) for a step of `t` tokens after `past_len`.
-    GQA forms: the same OrtValue as past_* input and present_* output(s); GQA appends in place. MLA_LATENT: the
-    buffer's first past_len rows as the read-only `past_latent`, and its next t rows as the `latent_new` output,
-    by address, so the graph writes the new rows straight into the buffer (no copy, nothing reallocated)."""
-    if kind == MLA_LATENT:
-        buf, *scales = buffers
-        dtype = _ONNX_TO_NP[buf.data_type()]
-        width = buf.shape()[-1]
-        row = width * np.dtype(dtype).itemsize
-        binding.bind_input("past_latent", device, 0, dtype, [past_len, width], buf.data_ptr())
-        binding.bind_output("latent_new", device, 0, dtype, [t, width], buf.data_ptr() + past_len * row)
-        for tok in scales:  # the 8-bit cache's token scales, [P, 1] fp32, the same way
-            binding.bind_input("past_latent_scale", device, 0, np.float32, [past_len, 1], tok.data_ptr())
-            binding.bind_output("latent_scale_new", device, 0, np.float32, [t, 1], tok.data_ptr() + past_len * 4)
-    elif kind == MLA_GQA:
-        (buf,) = buffers
-        binding.bind_ortvalue_input("past_latent", buf)
-        binding.bind_ortvalue_output("present_latent_key", buf)
-        binding.bind_ortvalue_output("present_latent_value", buf)
-    else:
-        for name, buf in zip(("key", "value"), buffers, strict=True):
-            binding.bind_ortvalue_input(f"past_{name}", buf)
-            binding.bind_ortvalue_output(f"present_{name}", buf)
-
-
-def bind_step_inputs(binding, hidden, past_len: int) -> None:
-    """The four small inputs of a step of hidden [1, T, H] (numpy, or an OrtValue wherever it lives) at positions
-    past_len .. past_len + T - 1."""
-    if isinstance(hidden, np.ndarray):
-        t = hidden.shape[1]
-        binding.bind_cpu_input("hidden", hidden)
-    else:
-        t = hidden.shape()[1]
-        binding.bind_ortvalue_input("hidden", hidden)
-    binding.bind_cpu_input("position_ids", np.arange(past_len, past_len + t, dtype=np.int64)[None])
-    binding.bind_cpu_input("seqlens_k", np.array([past_len + t - 1], np.int32))
-    binding.bind_cpu_input("total_sequence_length", np.array(past_len + t, np.int32))
-
+# --- running one step (the cache and its binding are the contract's: contract/cache.py) ---------------
 
 def run_attention_step(session, buffers: Sequence, hidden: np.ndarray, past_len: int):
     """Run one attention graph on `hidden` [1, T, H] at positions past_len .. past_len+T-1, appending to the cache
@@ -478,7 +386,7 @@ def run_attention_step(session, buffers: Sequence, hidden: np.ndarray, past_len:
     buffers = [b if isinstance(b, ort.OrtValue) else cache_ortvalues([b])[0] for b in buffers]
     in_types = {i.name: i.type for i in session.get_inputs()}
     out_names = [o.name for o in session.get_outputs()]
-    hidden = np.ascontiguousarray(hidden, dtype=_ONNX_TO_NP[in_types["hidden"]])
+    hidden = np.ascontiguousarray(hidden, dtype=ONNX_TYPE_DTYPES[in_types["hidden"]])
     if hidden.ndim != 3 or hidden.shape[0] != 1:
         raise ValueError(f"hidden must be [1, T, H], got {hidden.shape}")
     t = hidden.shape[1]
@@ -518,7 +426,7 @@ class AttentionSession:
             model = model.SerializeToString()
         self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options,
                                             providers=list(providers))
-        io = _ONNX_TO_NP[next(i.type for i in self.session.get_inputs() if i.name == "hidden")]
+        io = ONNX_TYPE_DTYPES[next(i.type for i in self.session.get_inputs() if i.name == "hidden")]
         if buffers is None:
             buffers = [np.zeros(s, io) for s in cache_shapes(cfg, max_len)]
         self.arrays = [b for b in buffers if isinstance(b, np.ndarray)]  # keep the memory alive

@@ -56,17 +56,19 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contract import ort_compat
+from ..contract.cache import cache_bytes_per_token, cache_dtypes, cache_shapes
+from ..contract.manifest import FORMAT_VERSION, file_sha256, graph_entry, write_manifest
 from ..model.checkpoint import Checkpoint
 from ..model.config import VL2Config
 from ..quant.report import QualityReport
-from .attention import attention_kind, build_attention_graph, cache_bytes_per_token, cache_dtypes, cache_shapes
+from .attention import attention_kind, build_attention_graph
 from .embedding import KEY as EMBED_KEY
 from .embedding import build_embedding_graph
 from .head import build_head_graph
 from .kv_calibration import HEADROOM, KVCalibration
-from . import mla_absorb, ort_compat, vision_calibration
+from . import mla_absorb, vision_calibration
 from .linear import DYNAMIC, Precision
-from .manifest import FORMAT_VERSION, file_sha256, graph_entry, write_manifest
 from .mlp import build_mlp_graph
 from .vision import build_vision_graph
 
@@ -172,7 +174,7 @@ def choose_kv_cache(kv_cache: str, cfg: VL2Config, target: str, experts: str,
 
 
 def graph_features(L, plan: dict[str, Precision], target: str, kv_cache: str, routing_form: str) -> set[str]:
-    """The onnxruntime features (export/ort_compat.FEATURES) the written graphs use: their newest gives the
+    """The onnxruntime features (contract/ort_compat.FEATURES) the written graphs use: their newest gives the
     artifact's onnxruntime floor."""
     used = set()
     if plan["embedding"].bits:
@@ -249,7 +251,7 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
            stage_precision: dict[str, Precision] | None = None, min_onnxruntime: str | None = None) -> Path:
     """stage_precision: per-stage overrides of the precision plan, keys STAGES (the fidelity tool,
     bench/fidelity.py, exports variants with one stage at fp32 to attribute the error); recorded in the manifest.
-    min_onnxruntime: write only ops, inputs and attributes this onnxruntime release has (export/ort_compat.py);
+    min_onnxruntime: write only ops, inputs and attributes this onnxruntime release has (contract/ort_compat.py);
     the manifest's onnxruntime.min is what the written graphs need."""
     import torch
     from safetensors.numpy import save_file

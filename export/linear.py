@@ -30,7 +30,7 @@ DYNAMIC = "int8-dynamic"
 class Precision:
     kind: str = "fp32"  # fp32 | fp16 | int8 | int4 | int8-dynamic
     block_size: int = 32
-    accuracy_level: int | None = 4  # None: no attribute (QMoE before onnxruntime 1.31, export/ort_compat.py)
+    accuracy_level: int | None = 4  # None: no attribute (QMoE before onnxruntime 1.31, contract/ort_compat.py)
 
     @property
     def bits(self) -> int | None:

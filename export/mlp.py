@@ -37,6 +37,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..contract.routing_feed import ROUTING_FORMS, UNSELECTED
 from ..model.config import VL2Config
 from ..quant.blockwise import dequantize, quantize_blockwise
 from ..quant.pack import interleave_gate_up, pack_qmoe
@@ -85,10 +86,6 @@ def _stacked_experts(cfg: VL2Config, get: Getter, prefix: str, prec: Precision, 
     return (stack(fc1_parts, 0), stack(fc1_parts, 1)), (stack(fc2_parts, 0), stack(fc2_parts, 1))
 
 
-ROUTING_FORMS = ("weights", "log_weights")
-UNSELECTED = -1e4  # router_probs of the experts not chosen under "log_weights"
-
-
 def log_weight_logits(g: GraphBuilder, probs: str, weights: str, k: int, prefix: str, io_dtype) -> tuple[str, str]:
     """The "log_weights" routing form: (router_probs = log(w) at the k chosen experts and UNSELECTED elsewhere,
     sum(w) per token [T, 1]) from the runtime's mask and weights."""
@@ -122,7 +119,7 @@ def _routed_experts(g: GraphBuilder, x2d: str, probs: str, weights: str, cfg: VL
                   g.const(prefix + "fc1.scales", s1.astype(io_dtype)), "", g.const(prefix + "fc2.qweight", w2),
                   g.const(prefix + "fc2.scales", s2.astype(io_dtype)),
                   "", "", "", "", "", "", "", router_weights]  # zero points absent (symmetric); 14 = router_weights
-        # accuracy_level None: the attribute left out for an onnxruntime without it (export/ort_compat.py)
+        # accuracy_level None: the attribute left out for an onnxruntime without it (contract/ort_compat.py)
         level = {} if prec.accuracy_level is None else {"accuracy_level": prec.accuracy_level}
         y = g.op("QMoE", inputs if router_weights else inputs[:7], domain=MS_DOMAIN,
                  hint=prefix + "qmoe", expert_weight_bits=prec.bits, block_size=prec.block_size, **level, **common)

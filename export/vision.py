@@ -25,7 +25,7 @@ and "projector".
 Op choices (opset 21 + com.microsoft). Attention: com.microsoft MultiHeadAttention by default (attention="mha"),
 or attention="plain" (MatMul -> Softmax -> MatMul with Reshape/Transpose head split, the softmax scale folded into
 the q rows of the qkv weight and bias) for execution providers without MHA. Measured with
-`python -m vl2edge.bench.vision_tile_latency --attn-only --reps 15`: the attention core alone (q, k, v
+`python -m vl2edge.bench.probes.vision_tile_latency --attn-only --reps 15`: the attention core alone (q, k, v
 [n, 729, 1152] -> [n, 729, 1152], 16 heads x 72), ORT 1.31.1 CPU, 2 intra-op threads, variants interleaved, on a
 shared 2-core Xeon (AVX-512/AMX) under load ~3; ms per tile, median (min):
                       fp32 n=1      fp32 n=2      fp16 io n=1   fp16 io n=2
@@ -36,7 +36,7 @@ shared 2-core Xeon (AVX-512/AMX) under load ~3; ms per tile, median (min):
   (onnxruntime.md §1.5), but ORT inserts Casts around it for fp16 io and it still beats the fp16 plain ops, which
   ORT CPU also runs through fp32 fallbacks; CUDA has fp16 MHA. So one choice serves fp32 and fp16 io.
   For scale: the attention core is ~25-30 ms of the ~115 ms a block costs per tile; the four Linears are the rest
-  (a whole tile is ~3-4 s fp32 at n=2, see bench/vision_tile_latency.py).
+  (a whole tile is ~3-4 s fp32 at n=2, see bench/probes/vision_tile_latency.py).
   GELU: ONNX Gelu-20 with approximate="tanh" in the blocks, exact ("none") in the projector. LayerNorm: ONNX
   LayerNormalization (axis -1, eps 1e-6; ORT fuses only the last residual Add into SkipLayerNormalization since
   the others feed two consumers; the unfused Adds are < 1% of a block's time, not worth a contrib op).

@@ -15,10 +15,8 @@ Model side:
   generation       - Runner/Stream: chunked prefill, decode, stop strings, cancellation, KV-cache reuse, Result
   api              - load(path) -> Model: generate / chat / ground (also `vl2edge.load`)
 
-Serving (`vl2edge serve`, the [server] extra: starlette + uvicorn):
-  openai_request   - an OpenAI chat-completions body -> messages and options, or an ApiError
-  server_metrics   - counters and latency quantiles in the Prometheus text format
-  server           - the ASGI app: one model thread, bounded queue, SSE streaming, cancel on disconnect
+The HTTP server is an application of this package, not part of it: vl2edge.serve. What an application may import
+is listed in vl2edge/__init__.py.
 
 Nothing here may import torch, directly or indirectly (tests/test_runtime_without_torch.py checks it).
 Submodules are imported on demand; `from vl2edge.runtime.processor import Processor`.

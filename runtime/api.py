@@ -126,6 +126,11 @@ class Model:
         return self.engine.provider
 
     @property
+    def artifact_dir(self) -> Path:
+        """The artifact directory this model was loaded from."""
+        return self.engine.artifact.dir
+
+    @property
     def max_len(self) -> int:
         """Context (KV-cache) length in tokens."""
         return self.engine.max_len

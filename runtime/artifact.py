@@ -6,7 +6,7 @@ Checks, each failing with an ArtifactError that names the directory and the file
   every file the manifest lists exists with its size and (verify="sha256", the default) its sha256;
   every graph file the manifest references is among the listed files;
   (check_onnxruntime, before the first session) the installed onnxruntime is at least the manifest's
-  onnxruntime.min, the oldest release whose ops the graphs use (export/ort_compat.py).
+  onnxruntime.min, the oldest release whose ops the graphs use (contract/ort_compat.py).
 verify="size" skips hashing for fast starts on a trusted disk (hashing reads the whole artifact once).
 """
 
@@ -16,8 +16,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..export.manifest import FORMAT, MANIFEST, READABLE_FORMAT_VERSIONS, file_sha256
-from ..export.ort_compat import LEGACY_FLOOR, parse_version, version_str
+from ..contract.manifest import FORMAT, MANIFEST, READABLE_FORMAT_VERSIONS, file_sha256
+from ..contract.ort_compat import LEGACY_FLOOR, parse_version, version_str
 
 
 class ArtifactError(ValueError):

@@ -9,8 +9,8 @@ The exact selection and weights of each DeepSeek-VL2 variant (reference §7), in
 then x routed_scaling_factor. Experts of dropped groups get 0.0 before the final top-k, as the official code does.
 Ties go to the lower expert index (a stable sort): deterministic on every platform.
 
-The expert graph takes `router_probs` = a 0/1 mask of the chosen experts and `router_weights` (export/mlp.py), so
-it computes only the chosen experts and never re-derives the choice. `ExpertCounts` records which experts ran per
+The expert graph takes `router_probs` = a 0/1 mask of the chosen experts and `router_weights`
+(contract/routing_feed.py), so it computes only the chosen experts and never re-derives the choice. `ExpertCounts` records which experts ran per
 layer: the base for expert caching on small devices.
 """
 
@@ -98,16 +98,6 @@ def weights_of(logits: np.ndarray, idx: np.ndarray, cfg: RoutingConfig) -> np.nd
     reference's choices and weighs them with the artifact's own router logits)."""
     logits = np.asarray(logits, dtype=np.float32)
     return _weights(_softmax(logits) if cfg.scoring == "softmax" else _sigmoid(logits), idx, cfg)
-
-
-def expert_graph_inputs(idx: np.ndarray, weights: np.ndarray, num_experts: int, dtype=np.float32):
-    """(router_probs, router_weights) [T, E] for the expert graph: a 0/1 mask of the chosen experts and the weights
-    scattered at them."""
-    probs = np.zeros((idx.shape[0], num_experts), dtype=dtype)
-    dense = np.zeros_like(probs)
-    np.put_along_axis(probs, idx, 1.0, axis=1)
-    np.put_along_axis(dense, idx, weights.astype(dtype), axis=1)
-    return probs, dense
 
 
 @dataclass

@@ -23,10 +23,11 @@ import numpy as np
 import onnxruntime as ort
 from safetensors.numpy import load_file
 
-from ..export.attention import bind_cache, bind_step_inputs
+from ..contract.cache import bind_cache, bind_step_inputs
+from ..contract.routing_feed import expert_graph_inputs
 from ..model.config import VL2Config
 from .artifact import Artifact, ArtifactError, check_onnxruntime, open_artifact
-from .dispatch import ExpertCounts, RoutingConfig, expert_graph_inputs, route
+from .dispatch import ExpertCounts, RoutingConfig, route
 from .image_layout import scatter_images
 from .residency import page_out_files
 

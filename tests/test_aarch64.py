@@ -1,13 +1,14 @@
-"""The runtime on aarch64 against x86-64 (bench/aarch64.py, under qemu: marked `aarch64`, deselect locally with
+"""The runtime on aarch64 against x86-64 (bench/platforms/aarch64.py, under qemu: marked `aarch64`, deselect locally with
 `pytest -m "not aarch64"`; ~45 s with the arm64 environment cached, ~5 min more the first time on a machine), and
-the comparison's bound (bench/crosscheck.py), which must fail a platform that disagrees beyond it."""
+the comparison's bound (bench/platforms/crosscheck.py), which must fail a platform that disagrees beyond it."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from vl2edge.bench import aarch64, crosscheck, platform_probe
+from vl2edge.bench.platforms import aarch64, crosscheck
+from vl2edge.bench.platforms import probe as platform_probe
 
 
 @pytest.fixture(scope="module")

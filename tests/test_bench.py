@@ -171,7 +171,7 @@ def test_an_artifact_of_an_older_format_is_exported_again(bench_run, test_checkp
     import shutil
 
     from vl2edge.bench.prepare import prepare_artifact
-    from vl2edge.export.manifest import FORMAT_VERSION
+    from vl2edge.contract.manifest import FORMAT_VERSION
 
     doc, _ = bench_run
     art = Path(doc["runtime"]["int4"]["artifact"])

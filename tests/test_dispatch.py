@@ -12,7 +12,8 @@ import torch
 from vl2edge.model.config import VL2Config
 from vl2edge.model.presets import preset_config
 from vl2edge.model.routing import route as torch_route
-from vl2edge.runtime.dispatch import ExpertCounts, RoutingConfig, expert_graph_inputs, route, weights_of
+from vl2edge.contract.routing_feed import expert_graph_inputs
+from vl2edge.runtime.dispatch import ExpertCounts, RoutingConfig, route, weights_of
 
 
 def lang(preset, **over):

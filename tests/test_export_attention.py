@@ -21,15 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vl2edge.export.attention import (
-    AttentionSession,
-    attention_kind,
-    build_attention_graph,
-    cache_bytes_per_token,
-    cache_ortvalues,
-    new_cache_arrays,
-    run_attention_step,
-)
+from vl2edge.contract.cache import cache_bytes_per_token, cache_ortvalues, new_cache_arrays
+from vl2edge.export.attention import AttentionSession, attention_kind, build_attention_graph, run_attention_step
 from vl2edge.export.linear import Precision
 from vl2edge.model.checkpoint import Checkpoint
 from vl2edge.model.config import VL2Config
@@ -312,7 +305,7 @@ def test_cache_bytes_per_token_real_presets():
 
 
 def test_runtime_helpers_import_without_torch_or_onnx():
-    """The runtime (torch-free, onnx-free) can use the cache helpers and run_attention_step."""
+    """The runtime (torch-free, onnx-free) can use the contract's cache helpers and run_attention_step."""
     script = textwrap.dedent("""
         import sys
         class Block:
@@ -320,8 +313,8 @@ def test_runtime_helpers_import_without_torch_or_onnx():
                 if name.split(".")[0] in ("torch", "onnx", "transformers"):
                     raise ImportError(name)
         sys.meta_path.insert(0, Block())
-        from vl2edge.export.attention import run_attention_step, new_cache_arrays, cache_bytes_per_token
-        from vl2edge.export.attention import AttentionSession
+        from vl2edge.contract.cache import bind_cache, new_cache_arrays, cache_bytes_per_token
+        from vl2edge.export.attention import run_attention_step, AttentionSession
         print("OK")
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)

@@ -13,7 +13,8 @@ from vl2edge.export.onnx_builder import GraphBuilder
 from vl2edge.model.checkpoint import Checkpoint
 from vl2edge.model.vl2 import DeepseekVL2
 from vl2edge.quant.report import QualityReport
-from vl2edge.runtime.dispatch import RoutingConfig, expert_graph_inputs, route
+from vl2edge.contract.routing_feed import expert_graph_inputs
+from vl2edge.runtime.dispatch import RoutingConfig, route
 
 
 def router_inputs(idx: torch.Tensor, w: torch.Tensor, num_experts: int):

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from vl2edge.export.attention import build_attention_graph, cache_ortvalues, new_cache_arrays, run_attention_step
+from vl2edge.contract.cache import cache_ortvalues, new_cache_arrays
+from vl2edge.export.attention import build_attention_graph, run_attention_step
 from vl2edge.export.exporter import ExportError, export
 from vl2edge.export.kv_calibration import (
     HEADROOM,
@@ -285,7 +286,7 @@ def test_uint8_latent_graph_equals_the_hand_derived_layer(small, layer):
 
 @pytest.mark.parametrize("preset", ["test-tiny", "test-small"])
 def test_attention_latency_bench_times_the_8bit_caches(preset):
-    from vl2edge.bench.attention_layer_latency import random_cache, time_case
+    from vl2edge.bench.probes.attention_layer_latency import random_cache, time_case
     from vl2edge.model.config import VL2Config
     from vl2edge.model.presets import preset_config
 

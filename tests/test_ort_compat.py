@@ -1,6 +1,6 @@
 """`vl2edge export --min-onnxruntime`: only what that release has in the graphs, the floor in the manifest, and
-the runtime's one-line refusal of an artifact newer than its onnxruntime (export/ort_compat.py). The releases
-themselves run in tests/test_platforms.py (1.23.2 on Python 3.10) and `python -m vl2edge.bench.ort_versions`."""
+the runtime's one-line refusal of an artifact newer than its onnxruntime (contract/ort_compat.py). The releases
+themselves run in tests/test_platforms.py (1.23.2 on Python 3.10) and `python -m vl2edge.bench.platforms.ort_versions`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from vl2edge.export import ort_compat
+from vl2edge.contract import ort_compat
 from vl2edge.export.exporter import ExportError, export
 from vl2edge.runtime.artifact import ArtifactError, required_onnxruntime
 from vl2edge.runtime.engine import Engine

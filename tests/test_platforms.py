@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from vl2edge.bench import crosscheck
-from vl2edge.bench.ort_versions import make_venv, run_probe
-from vl2edge.bench.platform_probe import source_path
-from vl2edge.export.ort_compat import parse_version
+from vl2edge.bench.platforms import crosscheck
+from vl2edge.bench.platforms.ort_versions import make_venv, run_probe
+from vl2edge.bench.platforms.probe import source_path
+from vl2edge.contract.ort_compat import parse_version
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
@@ -83,7 +83,7 @@ def compat_artifacts(test_checkpoints, tmp_path_factory):
     from vl2edge.export.exporter import export
 
     root = tmp_path_factory.mktemp("compat")
-    # int8 experts: 1.23.2's CPU QMoE computes 4-bit experts wrong (export/ort_compat.py)
+    # int8 experts: 1.23.2's CPU QMoE computes 4-bit experts wrong (contract/ort_compat.py)
     return {"tiny": export(test_checkpoints["test-tiny"], root / "tiny", experts="int8", progress=False,
                            min_onnxruntime=OLDEST),
             "vl2": export(test_checkpoints["test-vl2"], root / "vl2", experts="int8", progress=False,
@@ -112,7 +112,7 @@ def test_python310_runs_the_runtime_on_the_oldest_onnxruntime(venv310, compat_ar
     assert p.returncode != 0
     assert f"this is onnxruntime {OLDEST}" in p.stderr and f"--min-onnxruntime {OLDEST}" in p.stderr
     assert "Traceback" not in p.stderr
-    # the same numbers as the pinned onnxruntime on Python 3.11 (bench/crosscheck.py's bound)
+    # the same numbers as the pinned onnxruntime on Python 3.11 (bench/platforms/crosscheck.py's bound)
     arts = {k: v for k, v in compat_artifacts.items() if k != "default"}
     src = source_path(tmp_path)
     run_probe(sys.executable, tmp_path / "pinned.npz", list(arts.values()), src)

@@ -29,9 +29,9 @@ import vl2edge
 from vl2edge.export.exporter import export
 from vl2edge.runtime.generation import Result
 from vl2edge.runtime.grounding import parse_grounding
-from vl2edge.runtime.media_files import allowed_dirs
-from vl2edge.runtime.openai_request import ApiError, ImagePolicy, parse_chat_request
-from vl2edge.runtime.server import ChatServer, Job, ServeConfigError, ServerOptions, check_exposure
+from vl2edge.serve.media_files import allowed_dirs
+from vl2edge.serve.openai_request import ApiError, ImagePolicy, parse_chat_request
+from vl2edge.serve.server import ChatServer, Job, ServeConfigError, ServerOptions, check_exposure
 
 MODEL_ID = "test-tiny-int4"
 MAX_PIXELS = 1_000_000
@@ -399,7 +399,7 @@ def test_outside_loopback_a_key_or_no_auth_is_required(host):
 
 
 def test_serve_refuses_the_same_in_python():
-    from vl2edge.runtime.server import serve
+    from vl2edge.serve.server import serve
 
     with pytest.raises(ServeConfigError, match="listening on 0.0.0.0 .*needs --api-key"):
         serve(None, ServerOptions(model_id="m"), host="0.0.0.0", port=0)  # before any model or socket is touched

@@ -1,14 +1,14 @@
 """Which onnxruntime release loads each kind of artifact and gives the same logits: the compatibility matrix.
 
-  python -m vl2edge.bench.ort_versions [--versions 1.20.1,1.22.1,...] [--work DIR] [--json out.json]
-  python -m vl2edge.bench.ort_versions --speed ART[,ART...] --versions 1.23.2,1.31.1 [--rounds 3] [--context 512]
+  python -m vl2edge.bench.platforms.ort_versions [--versions 1.20.1,1.22.1,...] [--work DIR] [--json out.json]
+  python -m vl2edge.bench.platforms.ort_versions --speed ART[,ART...] --versions 1.23.2,1.31.1 [--rounds 3] [--context 512]
 
 Exports every artifact kind of test-tiny (MHA) and test-small (MLA): cpu int4 / int8 / fp32 with each --kv-cache and
 --vision choice, cuda fp16 / int4 / int8, and again with --min-onnxruntime (1.23.2, 1.24.3, 1.25.0, 1.27.0).
-The pinned onnxruntime (this interpreter's) probes them (bench/platform_probe.py); then each release, installed from
+The pinned onnxruntime (this interpreter's) probes them (bench/platforms/probe.py); then each release, installed from
 PyPI's CPU wheels into a throwaway venv (cached in --venvs) with the runtime's other dependencies, probes them again,
 ignoring the manifest's floor, fed the pinned run's tokens and expert choices. Per artifact and release:
-  verified      every session loads on CPU and the logits agree within bench/crosscheck.py's bound
+  verified      every session loads on CPU and the logits agree within bench/platforms/crosscheck.py's bound
   differs       they load but the logits do not agree
   schema ok     (cuda artifacts) onnxruntime accepts every graph; the CPU wheel has no kernel for some op, which a
                 CUDA build has: the numbers are not checked
@@ -34,9 +34,9 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from ..export.ort_compat import PINNED, parse_version, version_str
+from ...contract.ort_compat import PINNED, parse_version, version_str
 from .crosscheck import compare_probes
-from .platform_probe import child_env, source_path
+from .probe import child_env, source_path
 
 VERSIONS = ("1.20.1", "1.22.1", "1.23.0", "1.23.1", "1.23.2", "1.24.2", "1.24.3", "1.25.0", "1.26.0", "1.27.0",
             "1.28.0", "1.29.0", "1.30.0", "1.31.0", "1.31.1", "1.32.0")
@@ -84,7 +84,7 @@ def make_venv(path: Path, packages: list[str], python: str = sys.executable) -> 
 def run_probe(python: Path | str, out: Path, artifacts: list[Path], src: Path, native: Path | None = None,
               timeout: float = 900) -> None:
     env = child_env(str(src))
-    cmd = [str(python), "-m", "vl2edge.bench.platform_probe", str(out), *map(str, artifacts), "--ignore-floor"]
+    cmd = [str(python), "-m", "vl2edge.bench.platforms.probe", str(out), *map(str, artifacts), "--ignore-floor"]
     p = subprocess.run(cmd + (["--native", str(native)] if native else []), env=env, capture_output=True,
                        text=True, timeout=timeout)
     if p.returncode:
@@ -92,8 +92,8 @@ def run_probe(python: Path | str, out: Path, artifacts: list[Path], src: Path, n
 
 
 def export_kinds(work: Path, presets=PRESETS) -> dict[str, Path]:
-    from ..export.exporter import export
-    from ..model.synth import synthesize
+    from ...export.exporter import export
+    from ...model.synth import synthesize
 
     arts = {}
     for preset in presets:
@@ -167,7 +167,7 @@ def step_times(artifact: Path, context: int, steps: int = 16, warmup: int = 4, t
 
     import numpy as np
 
-    from ..runtime import engine as engine_mod
+    from ...runtime import engine as engine_mod
 
     engine_mod.check_onnxruntime = lambda art, installed: None  # the caller chose the release
     eng = engine_mod.Engine(artifact, threads=threads, verify="size")
@@ -188,7 +188,7 @@ def speed(artifacts: list[Path], versions, work: Path, venvs: Path | None, round
           threads: int | None) -> dict:
     import onnxruntime as ort
 
-    from ..runtime.artifact import open_artifact, required_onnxruntime
+    from ...runtime.artifact import open_artifact, required_onnxruntime
 
     src, venvs, deps = source_path(work), venvs or work / "venvs", runtime_requirements()
     pythons = {v: (sys.executable if v == ort.__version__ else make_venv(venvs / f"ort-{v}",
@@ -200,7 +200,7 @@ def speed(artifacts: list[Path], versions, work: Path, venvs: Path | None, round
     ms: dict[tuple, list[float]] = {p: [] for p in pairs}
     for _ in range(rounds):
         for v, a in pairs:
-            code = (f"import json; from vl2edge.bench.ort_versions import step_times; "
+            code = (f"import json; from vl2edge.bench.platforms.ort_versions import step_times; "
                     f"print(json.dumps(step_times({str(a)!r}, {context}, threads={threads})))")
             p = subprocess.run([str(pythons[v]), "-c", code], env=env, capture_output=True, text=True, timeout=1800)
             if p.returncode:
@@ -231,7 +231,7 @@ def table(doc: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vl2edge.bench.ort_versions", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m vl2edge.bench.platforms.ort_versions", description=__doc__.split("\n")[0])
     ap.add_argument("--versions", default=",".join(VERSIONS))
     ap.add_argument("--work", type=Path, default=None, help="checkpoints, artifacts, probes (default: temporary)")
     ap.add_argument("--venvs", type=Path, default=None, help="where the throwaway venvs are kept (default: in work)")

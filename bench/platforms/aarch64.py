@@ -1,12 +1,12 @@
 """The torch-free runtime on aarch64 (qemu user-mode emulation) against this x86-64 machine, same artifacts.
 
-  python -m vl2edge.bench.aarch64 [--work DIR] [--json out.json] [--steps 8]
+  python -m vl2edge.bench.platforms.aarch64 [--work DIR] [--json out.json] [--steps 8]
 
 Exports int4 test-tiny (MHA, int8 KV cache), int4 test-small (MLA, uint8 latent cache) and int8 test-vl2 (MLA,
-sigmoid group-limited routing) here, probes them natively (bench/platform_probe.py), then again in an aarch64
+sigmoid group-limited routing) here, probes them natively (bench/platforms/probe.py), then again in an aarch64
 Python 3.11 with the runtime's dependencies as manylinux aarch64 wheels (../shared/tools/arm64-env, which caches
 under $TMPDIR/arm64env: ~5 min the first time), fed the native tokens and expert choices, and compares
-(bench/crosscheck.py: the bound and why). Exit 1 when aarch64 disagrees beyond the bound.
+(bench/platforms/crosscheck.py: the bound and why). Exit 1 when aarch64 disagrees beyond the bound.
 The project reaches the emulated Python as itself: a `vl2edge` link to the source tree on its path.
 """
 
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from .crosscheck import compare_probes, table
-from .platform_probe import PROJECT, child_env, source_path
+from .probe import PROJECT, child_env, source_path
 
 ARM64_ENV = PROJECT.parent / "shared" / "tools" / "arm64-env"
 ARTIFACTS = {"test-tiny-int4": ("test-tiny", "int4"), "test-small-int4": ("test-small", "int4"),
@@ -45,7 +45,7 @@ def arm64_env(tool: Path = ARM64_ENV, tries: int = 3) -> tuple[str, str, str]:
 
 
 def export_artifacts(checkpoints: dict[str, Path], out: Path) -> dict[str, Path]:
-    from ..export.exporter import export
+    from ...export.exporter import export
 
     arts = {}
     for name, (preset, experts) in ARTIFACTS.items():
@@ -54,7 +54,7 @@ def export_artifacts(checkpoints: dict[str, Path], out: Path) -> dict[str, Path]
 
 
 def synthesize_checkpoints(out: Path, seed: int = 0) -> dict[str, Path]:
-    from ..model.synth import synthesize
+    from ...model.synth import synthesize
 
     presets = {p for p, _ in ARTIFACTS.values()}
     return {p: out / p if (out / p / "config.json").is_file() else synthesize(out / p, p, seed=seed, progress=False)
@@ -65,7 +65,7 @@ def run(work: Path, checkpoints: dict[str, Path] | None = None, steps: int = 8, 
     work.mkdir(parents=True, exist_ok=True)
     checkpoints = checkpoints or synthesize_checkpoints(work / "checkpoints")
     arts = export_artifacts(checkpoints, work / "artifacts")
-    probe = [sys.executable, "-m", "vl2edge.bench.platform_probe"]
+    probe = [sys.executable, "-m", "vl2edge.bench.platforms.probe"]
     native = work / "x86_64.npz"
     subprocess.run(probe + [str(native), *map(str, arts.values()), "--steps", str(steps)], check=True,
                    capture_output=True, timeout=timeout)
@@ -73,7 +73,7 @@ def run(work: Path, checkpoints: dict[str, Path] | None = None, steps: int = 8, 
     env = child_env(f"{site}:{source_path(work)}", QEMU_LD_PREFIX=root, PYTHONDONTWRITEBYTECODE="1")
     emulated = work / "aarch64.npz"
     t0 = time.perf_counter()
-    p = subprocess.run([qemu, f"{root}/usr/bin/python3.11", "-m", "vl2edge.bench.platform_probe", str(emulated),
+    p = subprocess.run([qemu, f"{root}/usr/bin/python3.11", "-m", "vl2edge.bench.platforms.probe", str(emulated),
                         *map(str, arts.values()), "--native", str(native), "--steps", str(steps)],
                        env=env, capture_output=True, text=True, timeout=timeout)
     if p.returncode:
@@ -84,7 +84,7 @@ def run(work: Path, checkpoints: dict[str, Path] | None = None, steps: int = 8, 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vl2edge.bench.aarch64", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m vl2edge.bench.platforms.aarch64", description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=None, help="where checkpoints, artifacts and probes go "
                                                            "(default: a temporary directory)")
     ap.add_argument("--steps", type=int, default=8)

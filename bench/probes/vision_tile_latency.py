@@ -1,7 +1,7 @@
 """Vision graph latency per 384x384 tile at real dims, ORT CPU vs the PyTorch reference. Random weights.
 
-  python -m vl2edge.bench.vision_tile_latency                      # full tower + projector, preset "tiny"
-  python -m vl2edge.bench.vision_tile_latency --attn-only          # attention op choice, one block's core
+  python -m vl2edge.bench.probes.vision_tile_latency                      # full tower + projector, preset "tiny"
+  python -m vl2edge.bench.probes.vision_tile_latency --attn-only          # attention op choice, one block's core
 
 Full mode: builds export.vision.build_vision_graph for the preset's real dims (SigLIP 27 x 1152, projector to the
 LLM width) with deterministic random weights (no checkpoint needed; std 0.02 like timm's init), saves it to a temp
@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..export.linear import Precision
-from ..export.onnx_builder import MS_DOMAIN, GraphBuilder
-from ..export.vision import build_vision_graph
-from ..model.checkpoint_layout import projector_shapes, vision_shapes
-from ..model.config import VL2Config
-from ..model.presets import preset_config
+from ...export.linear import Precision
+from ...export.onnx_builder import MS_DOMAIN, GraphBuilder
+from ...export.vision import build_vision_graph
+from ...model.checkpoint_layout import projector_shapes, vision_shapes
+from ...model.config import VL2Config
+from ...model.presets import preset_config
 
 
 def random_weights(cfg: VL2Config, std: float = 0.02):
@@ -73,8 +73,8 @@ def cosine(a, b) -> float:
 def full(args) -> None:
     import torch
 
-    from ..model.projector import Projector
-    from ..model.vision import VisionTower
+    from ...model.projector import Projector
+    from ...model.vision import VisionTower
 
     cfg = VL2Config.from_dict(preset_config(args.preset))
     get, shapes = random_weights(cfg)

@@ -1,6 +1,6 @@
 """What `vl2edge serve` adds to a request, against the Python API on the same requests: TTFT and time per token.
 
-    python -m vl2edge.bench.server_overhead ARTIFACT [--requests 16] [--max-tokens 32] [--image] [--threads N]
+    python -m vl2edge.bench.probes.server_overhead ARTIFACT [--requests 16] [--max-tokens 32] [--image] [--threads N]
                                                      [--json OUT]
 
 The server is the `vl2edge serve` command in a subprocess (what users run); the Python API is `vl2edge.load` in
@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from .stats import summarize
+from ..stats import summarize
 
 PROMPTS = ("Describe the scene in detail.", "What objects are on the table?", "Write a short poem about robots.",
            "List five colours and what they remind you of.", "Explain how a bicycle works.",
@@ -41,7 +41,7 @@ PROMPTS = ("Describe the scene in detail.", "What objects are on the table?", "W
 
 
 def _image_png() -> bytes:
-    from ..reference_backend import demo_image
+    from ...reference_backend import demo_image
 
     buf = io.BytesIO()
     demo_image().save(buf, "PNG")
@@ -110,7 +110,7 @@ def measure(artifact: str | Path, requests: int = 16, max_tokens: int = 32, imag
             threads: int | None = None, progress: bool = True) -> dict:
     import vl2edge
 
-    from .machine import machine_info
+    from ..machine import machine_info
 
     artifact = Path(artifact)
     model = vl2edge.load(artifact, threads=threads, verify="size")
@@ -171,7 +171,7 @@ def table(doc: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vl2edge.bench.server_overhead", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m vl2edge.bench.probes.server_overhead", description=__doc__.splitlines()[0])
     p.add_argument("artifact")
     p.add_argument("--requests", type=int, default=16, help="request pairs (default 16)")
     p.add_argument("--max-tokens", type=int, default=32)

@@ -47,13 +47,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .chat_template import TemplateError
-from .grounding import Box, GroundingParser
-from .images import ImageError
+from .. import Box, GroundingParser, ImageError, PromptTooLongError, TemplateError
 from .media_files import allowed_dirs, describe
+from .metrics import CONTENT_TYPE, Metrics
 from .openai_request import ApiError, ChatRequest, ImagePolicy, invalid, parse_chat_request
-from .processor import PromptTooLongError
-from .server_metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger("vl2edge.server")
 
@@ -68,7 +65,7 @@ class ServerOptions:
     max_queue: int = 8  # requests waiting behind the running one
     max_body_bytes: int = 32 * 2 ** 20
     max_images: int = 8
-    # directories file:// image URLs may name files in (runtime/media_files.py); none: file:// URLs are refused
+    # directories file:// image URLs may name files in (serve/media_files.py); none: file:// URLs are refused
     allowed_media_dirs: tuple[str, ...] = ()
     # serve without an API key on an address outside loopback (serve() refuses that unless asked)
     no_auth: bool = False
@@ -571,7 +568,7 @@ def serve(model, options: ServerOptions, host: str = "127.0.0.1", port: int = 80
     bound = sock.getsockname()[1]
     config = uvicorn.Config(create_app(model, options), log_level=log_level, timeout_graceful_shutdown=5)
     if announce is not None:
-        announce(f"serving {options.model_id!r} ({model.engine.artifact.dir}, {model.provider}, context "
+        announce(f"serving {options.model_id!r} ({model.artifact_dir}, {model.provider}, context "
                  f"{model.max_len} tokens, queue {options.max_queue}, file:// media from "
                  f"{describe(allowed_dirs(options.allowed_media_dirs))}) on http://{host}:{bound}/v1")
     uvicorn.Server(config).run(sockets=[sock])

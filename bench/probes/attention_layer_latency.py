@@ -1,8 +1,8 @@
 """Decode latency of one attention graph (export.attention) at real dims, ORT CPU. Random weights.
 
-  python -m vl2edge.bench.attention_layer_latency                      # tiny + small, int8, past 512 and 4000
-  python -m vl2edge.bench.attention_layer_latency --presets small --past 128 1024 --precision int4
-  python -m vl2edge.bench.attention_layer_latency --kv-cache int8      # the 8-bit caches (int4 artifacts' default)
+  python -m vl2edge.bench.probes.attention_layer_latency                      # tiny + small, int8, past 512 and 4000
+  python -m vl2edge.bench.probes.attention_layer_latency --presets small --past 128 1024 --precision int4
+  python -m vl2edge.bench.probes.attention_layer_latency --kv-cache int8      # the 8-bit caches (int4 artifacts' default)
 
 For each preset builds layer 1's attention graph (a MoE layer, so the fp32 router logits are included) with
 deterministic random weights of the checkpoint shapes (N(0, 1/fan_in), norms 1), precision --precision with
@@ -28,12 +28,12 @@ import zlib
 import numpy as np
 import onnxruntime as ort
 
-from ..export.attention import (bind_cache, bind_step_inputs, build_attention_graph, cache_ortvalues, cache_shapes,
-                                run_attention_step, session_attention_kind)
-from ..export.linear import Precision
-from ..model.checkpoint_layout import layer_shapes
-from ..model.config import VL2Config
-from ..model.presets import preset_config
+from ...contract.cache import bind_cache, bind_step_inputs, cache_ortvalues, cache_shapes, session_attention_kind
+from ...export.attention import build_attention_graph, run_attention_step
+from ...export.linear import Precision
+from ...model.checkpoint_layout import layer_shapes
+from ...model.config import VL2Config
+from ...model.presets import preset_config
 
 LAYER = 1
 

@@ -1,4 +1,4 @@
-"""Two platforms' probes of the same artifacts compared (bench/platform_probe.py): the same numbers within a bound
+"""Two platforms' probes of the same artifacts compared (bench/platforms/probe.py): the same numbers within a bound
 that says why, greedy tokens equal except at near-ties, each named with its margin.
 
 The bound. The graphs are the same; what differs is the kernels' arithmetic: NEON and AVX-512 (or two
@@ -45,8 +45,8 @@ def _choice_margin(router_logits: np.ndarray, chosen: np.ndarray, manifest: dict
     """The reference platform's margin at a token, in the router's score units (softmax, or sigmoid + VL2's
     selection bias): the smallest gap that decided the choice, between the last kept and the first dropped group
     (group-limited routing) or between the smallest chosen and the largest unchosen expert of the kept groups."""
-    from ..model.config import VL2Config
-    from ..runtime.dispatch import RoutingConfig, _sigmoid, _softmax
+    from ...model.config import VL2Config
+    from ...runtime.dispatch import RoutingConfig, _sigmoid, _softmax
 
     cfg = RoutingConfig.from_language_config(VL2Config.from_dict(manifest["source"]["config"], "manifest").language)
     v = _softmax(router_logits[None])[0] if cfg.scoring == "softmax" else _sigmoid(router_logits[None])[0]

@@ -1,8 +1,8 @@
-"""What one platform (interpreter, machine, onnxruntime) does with a set of artifacts, for bench/crosscheck.py to
+"""What one platform (interpreter, machine, onnxruntime) does with a set of artifacts, for bench/platforms/crosscheck.py to
 compare with another: torch-free, so it runs on the runtime's own dependencies (an emulated aarch64 Python, a venv
 with an older onnxruntime).
 
-  python -m vl2edge.bench.platform_probe OUT.npz ARTIFACT... [--native NATIVE.npz] [--steps 8] [--cases 0,3]
+  python -m vl2edge.bench.platforms.probe OUT.npz ARTIFACT... [--native NATIVE.npz] [--steps 8] [--cases 0,3]
 
 Per artifact: every graph's session created alone (ok / refused: the schema / no kernel: a CPU wheel without the
 op's kernel), then, if all load on CPU, per case (bench/fidelity.py's conversations, text and image):
@@ -12,7 +12,7 @@ op's kernel), then, if all load on CPU, per case (bench/fidelity.py's conversati
       forcing), with this platform's own routing ("free"), and again with NATIVE's expert choices held ("held": what
       is left is the arithmetic's difference, bench/fidelity.py _HeldRouting), with its router logits.
 The installed onnxruntime's floor check (runtime/artifact.check_onnxruntime) is bypassed with --ignore-floor: the
-onnxruntime version matrix (bench/ort_versions.py) measures what the floor should be.
+onnxruntime version matrix (bench/platforms/ort_versions.py) measures what the floor should be.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-PROJECT = Path(__file__).resolve().parent.parent  # the source tree: the `vl2edge` package's root
+PROJECT = Path(__file__).resolve().parents[2]  # the source tree: the `vl2edge` package's root
 DEFAULT_STEPS = 8
 DEFAULT_CASES = (3, 1)  # a text-only conversation and a one-tile image one (bench/fidelity.CONVERSATIONS)
 
@@ -52,7 +52,7 @@ def session_status(artifact: Path) -> dict[str, str]:
     kernel implements an op: the expected answer of a CPU wheel to a CUDA graph)."""
     import onnxruntime as ort
 
-    from ..runtime.artifact import open_artifact
+    from ...runtime.artifact import open_artifact
 
     out = {}
     for name in open_artifact(artifact, verify="size").graph_files():
@@ -78,7 +78,8 @@ class _Recorder:
         self.original = engine._route
 
     def __call__(self, i: int, layer, router_logits: np.ndarray):
-        from ..runtime.dispatch import expert_graph_inputs, route, weights_of
+        from ...contract.routing_feed import expert_graph_inputs
+        from ...runtime.dispatch import route, weights_of
 
         routing = self.engine.routing
         if self.held is None:
@@ -116,9 +117,9 @@ def probe(artifacts: list[Path], steps: int, cases: tuple[int, ...], native: dic
           ignore_floor: bool) -> tuple[dict, dict]:
     import onnxruntime as ort
 
-    from ..runtime import engine as engine_mod
-    from ..runtime.processor import Processor
-    from .fidelity import prepared_conversations
+    from ...runtime import engine as engine_mod
+    from ...runtime.processor import Processor
+    from ..fidelity import prepared_conversations
 
     if ignore_floor:
         engine_mod.check_onnxruntime = lambda art, installed: None
@@ -167,7 +168,7 @@ def _probe_cases(engine, name: str, convs, cases, steps: int, native: dict | Non
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vl2edge.bench.platform_probe", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m vl2edge.bench.platforms.probe", description=__doc__.split("\n")[0])
     ap.add_argument("out", type=Path, help="the .npz to write (its meta as JSON beside it, OUT.json)")
     ap.add_argument("artifacts", type=Path, nargs="+")
     ap.add_argument("--native", type=Path, default=None, help="the probe of the platform to compare with")

@@ -11,7 +11,7 @@ one "<image>\\n" each, then its text parts joined by newlines: the layout of the
 "<image>" tags into the text, one per image part, in the order of the parts. Image URLs:
   * data:image/...;base64,...  - the image's bytes (the usual way: works from any language, any machine);
   * file:///abs/path           - a file on the server's machine, only inside the directories the server was
-                                 started with (`--allowed-media-dir`; none: refused), runtime/media_files.py;
+                                 started with (`--allowed-media-dir`; none: refused), serve/media_files.py;
   * http(s)://                 - refused: the server works offline and fetches nothing.
 
 Sampling: temperature (default 0 = greedy, the official README's decoding, not OpenAI's 1), top_p, seed, stop
@@ -30,7 +30,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from .chat_template import IMAGE_TAG
+from .. import IMAGE_TAG
 from .media_files import read_allowed
 
 MAX_STOP_STRINGS = 16
@@ -74,7 +74,7 @@ class ChatRequest:
 
 @dataclass(frozen=True)
 class ImagePolicy:
-    """max_images per request; allowed_media_dirs: real paths (runtime/media_files.allowed_dirs) that file:// URLs
+    """max_images per request; allowed_media_dirs: real paths (serve/media_files.allowed_dirs) that file:// URLs
     may name files in, none by default; max_file_bytes: the largest such file."""
 
     max_images: int = 8

@@ -1,0 +1,8 @@
+"""One-off probes that answer a maintainer's question about one graph or one layer, outside `vl2edge bench`:
+
+  attention_layer_latency  one attention graph's decode latency at real dims, per cache form (docs/design.md)
+  vision_tile_latency      the vision graph per 384x384 tile against the PyTorch tower, and the attention op choice
+  server_overhead          `vl2edge serve` against the Python API on the same requests (docs/benchmarks.md)
+
+Each is `python -m vl2edge.bench.probes.NAME --help`.
+"""
