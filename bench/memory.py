@@ -78,7 +78,7 @@ VARIANTS: dict[str, dict] = {
     "no_prepack+transient_vision": {"entries": {"session.disable_prepacking": "1"}, "transient_vision": True},
     # load(low_memory=True); prefill_chunk None: the model's low-memory chunk (runtime.api.low_memory_chunk_size)
     "low_memory": {"transient_vision": True, "vision_alone": True, "shrink_arena": True, "prefill_chunk": None},
-    # the low-memory mode before stop 22: no arena, malloc's threshold at 1 MiB (runtime.engine.return_large_blocks)
+    # the low-memory mode before commit 8e03ac8 (2026-12-01): no arena, malloc's threshold at 1 MiB (runtime.engine.return_large_blocks)
     "low_memory_no_arena": {"transient_vision": True, "vision_alone": True, "arena": False, "prefill_chunk": None},
 }
 

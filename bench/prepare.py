@@ -67,7 +67,7 @@ def checkpoint_key(ckpt: Path) -> str:
 # lm_head stays int8 all the same (`--head int8`, the memory plan for Small in README), then "-vdyn" / "-v8" when
 # the vision matmuls are asked to be int8-dynamic / int8 (`--vision`) and "-kv8" / "-kvf" when the KV cache is asked
 # to be int8 / float (`--kv-cache`), instead of the exporter's auto choices. E.g. "int4-v8": int4 with fp32-activation
-# vision (the int8 artifact's before stop 23).
+# vision (the int8 artifact's before commit 8df3731, 2026-12-01).
 SUFFIXES = {"-dense4": ("dense", "int4"), "-head8": ("head", "int8"), "-vdyn": ("vision", "int8-dynamic"),
             "-v8": ("vision", "int8"), "-kv8": ("kv_cache", "int8"), "-kvf": ("kv_cache", "float")}
 
@@ -113,7 +113,7 @@ def precision_name(quantization: dict) -> str:
 
 def _auto_choices_current(m: dict) -> bool:
     """Whether the exporter would still make the artifact's auto choices (KV cache, vision form) as recorded: one
-    exported before they changed is made again (stop 23: int8 experts took int4's 8-bit cache and int8-dynamic
+    exported before they changed is made again (since 8df3731, int8 experts take int4's 8-bit cache and int8-dynamic
     vision)."""
     from ..export.exporter import DYNAMIC, choose_kv_cache, choose_vision
 

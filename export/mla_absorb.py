@@ -16,7 +16,7 @@ Two stored forms (`absorbed_weights`):
     full precision (a chunk's per-tensor scale would span all of its tokens).
 Why int8: in fp32 the two weights are 8 MiB per layer, read whole at every step (216 MB per Small decode step, 15.7
 ms for 27 layers at 2 threads) and resident as mapped pages. int8 reads a quarter and halves the time (8.1 ms; 27
-real-dims layers in sequence, alternated in one process, issue 10 note). Rejected, measured the same way: a
+real-dims layers in sequence, alternated in one process, 2026-12-01, docs/design.md). Rejected, measured the same way: a
 per-head MatMulNBits (16 GEMVs per weight), 10.8 ms; one MatMulNBits over all heads' weights keeping the diagonal,
 16.2 ms (its M = 16 runs the fp32 path, 16 times the work); dequantizing at every step, 72.8 ms.
 Fidelity (bench/fidelity.py against the fp32 reference, int4 and int8 artifacts of test-small and test-vl2): the mean

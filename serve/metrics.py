@@ -1,7 +1,7 @@
 """The server's counters and latency percentiles, written in the Prometheus text exposition format (0.0.4).
 
 Counters are totals since start. Latencies are Prometheus summaries: `_sum` and `_count` since start, and the
-quantiles over the last WINDOW observations (a sliding window, so a slow start does not mask today's latency).
+quantiles over the last WINDOW observations (a sliding window, so a slow start does not mask the current latency).
 Everything is updated under one lock: the event loop and the model's worker thread both write here.
 """
 

@@ -245,7 +245,7 @@ def test_dense4_precision_is_its_own_cached_artifact(bench_run, test_checkpoints
     assert made_again_after(lambda q: q["vision"].pop("asked"))["vision"]["asked"] == "auto"
     # so is one from before the 4-bit grid used all 16 levels (no "grid" record on its int4 experts)
     assert made_again_after(lambda q: q["experts"].pop("grid"))["experts"]["grid"].startswith("-8..7")
-    # and one whose auto choices the exporter now makes otherwise (int8 experts before stop 23: float cache, and
+    # and one whose auto choices the exporter now makes otherwise (int8 experts before commit 8df3731: a float cache, and
     # vision with fp32 activations)
     assert made_again_after(lambda q: q["kv_cache"].update(kind="float"))["kv_cache"]["kind"] == "int8"
     assert "vision_dynamic" in made_again_after(lambda q: q.pop("vision_dynamic"))
