@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the vision tower are int8 either way)")
     e.add_argument("--head", default=None, choices=["int4", "int8"],
                    help="cpu: lm_head weights (default: --dense's). `--dense int4 --head int8` keeps the output "
-                        "layer at int8, where int4 costs most of the accuracy (README, Precision)")
+                        "layer at int8, where int4 costs most of the accuracy (docs/precision.md)")
     e.add_argument("--vision", default="auto", choices=["auto", "int8", "int8-dynamic"],
                    help="cpu: int8-dynamic runs the vision matmuls on int8 activations (~5x faster per matmul "
                         "on AMX/VNNI) in the layers where export-time calibration shows it is accurate, int8 "
@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--min-onnxruntime", default=None, metavar="VERSION",
                    help="write only ops, inputs and attributes onnxruntime VERSION has (e.g. 1.23.2, the newest "
                         "with Python 3.10 wheels and Jetson's): an older release gets a float MHA cache, routing "
-                        "as log-weights, QMoE without accuracy_level (README, Platforms); default: the pinned one")
+                        "as log-weights, QMoE without accuracy_level (docs/benchmarks.md, onnxruntime releases); default: the pinned one")
     e.add_argument("--max-len", type=int, default=None, help="KV-cache length (default: the model's context)")
     e.add_argument("--force", action="store_true", help="replace an existing OUT (only once the new one is done)")
     e.add_argument("--quiet", action="store_true")
@@ -479,7 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference")
     b.add_argument("--reference-dtypes", default=None, help="fp32,bf16 (default: both; --quick: fp32)")
     b.add_argument("--layers", type=int, default=None, help="truncate a preset to N layers (--quick: 2)")
-    b.add_argument("--block-size", type=int, default=64, choices=[32, 64, 128], help="quantization block")
+    b.add_argument("--block-size", type=int, default=None, choices=[32, 64, 128],
+                   help="quantization block (default: the exporter's: 64, or the largest smaller size that divides "
+                        "the model's quantized dims)")
     b.add_argument("--artifact", action="append", default=[], metavar="PRECISION=DIR",
                    help="use this exported artifact for a precision instead of the cached export (repeatable)")
     b.add_argument("--force-export", action="store_true", help="export the cached artifacts again (after an "

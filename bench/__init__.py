@@ -16,9 +16,10 @@ One idea per module:
   report.py          the JSON document (schema), the table, the PNG plots
   runner.py          run_bench and the CLI entry
   profile.py         ORT's profiler over a decode step (or a prefill chunk): time per op and graph
-Single-graph micro-benchmarks: attention_layer_latency.py, vision_tile_latency.py; fidelity.py (logits against the
-reference, per stage); server_overhead.py (`vl2edge serve` against the Python API); gpu_check.py (`vl2edge bench
---provider cuda --check`: a GPU's parity and speed in one command). README.md: how to run, what is
+  gpu_check.py       `vl2edge bench --provider cuda --check`: a GPU's parity and speed in one command
+Beside the product bench: fidelity.py (logits against the reference, per stage; the precision policy), heldout.py
+(the defaults on held-out checkpoints), peer.py (llama.cpp's llama-bench in the same run); platforms/ (other
+onnxruntime releases, aarch64) and probes/ (single-graph timings, server overhead). README.md: how to run, what is
 measured, how to read it.
 """
 

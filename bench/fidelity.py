@@ -36,7 +36,7 @@ import numpy as np
 # policy's top-1 agreement by 0.0104 around a 0.95 bar that the artifacts met by less than that.
 STEPS = 32
 
-# The precision policy (README, "Precision policy"), per routed-expert precision: floors for the worst logit cosine
+# The precision policy (docs/precision.md), per routed-expert precision: floors for the worst logit cosine
 # and top-1 agreement, and the most the rate of flipped expert choices may be as a multiple of the bf16 reference's
 # (judged where the bf16 reference itself misses the int8 cosine floor, `policy_verdict`). The multiples are the
 # largest the int8 / int4 artifacts meeting the floors show on the tie-stable presets (2.0-2.5x / 2.5-3.0x in stop

@@ -50,7 +50,7 @@ def preflight(provider: str) -> dict:
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" not in available:
         raise CheckUnavailable(f"onnxruntime {ort.__version__} has no CUDA provider (it has {', '.join(available)}):"
-                               f" install onnxruntime-gpu (README: 'GPU and Jetson')")
+                               f" install onnxruntime-gpu (README: 'What runs where')")
     if not _runs_on_cuda():
         raise CheckUnavailable("onnxruntime-gpu is installed but could not start a session on CUDA (missing or "
                                "mismatched CUDA / cuDNN libraries; see onnxruntime's warning above)")

@@ -35,7 +35,7 @@ def default_threads() -> int:
 
 def run_bench(model: str = "tiny", precisions=("int4", "int8"), *, threads: int | None = None,
               provider: str = "cpu", out: str | Path | None = None, quick: bool = False, reference: bool = True,
-              reference_dtypes=None, layers: int | None = None, block_size: int = 64,
+              reference_dtypes=None, layers: int | None = None, block_size: int | None = None,
               workload: Workload | None = None, artifacts: dict | None = None, cache_dir=None,
               force_export: bool = False,
               bandwidth_mb: int = 1024, reference_omp_wait_policy: str | None = "PASSIVE", progress: bool = True,
@@ -77,6 +77,11 @@ def run_bench(model: str = "tiny", precisions=("int4", "int8"), *, threads: int 
 
     ckpt, model_info = prepare_checkpoint(model, layers, cache_dir=cache_dir, progress=progress)
     config = json.loads((ckpt / "config.json").read_text())
+    if block_size is None:  # the exporter's own default, so a small-dims preset benches as it exports
+        from ..export.exporter import choose_block_size
+        from ..model.config import VL2Config
+
+        block_size, _ = choose_block_size(VL2Config.from_dict(config))
     arts = {}
     for p in precisions:
         given = (artifacts or {}).get(p)

@@ -5,7 +5,7 @@ Jetson's onnxruntime (NVIDIA's index, JetPack 6: 1.20-1.23) and Python 3.10 (no 
 so an artifact names the oldest onnxruntime it needs (manifest `onnxruntime.min`) and the exporter can write one
 for an older release. The floors below are each release's registered schemas
 (`onnxruntime.capi._pybind_state.get_all_operator_schema()` of the PyPI CPU wheels 1.20.1 ... 1.32.0) and, for the
-kernels, sessions created and run (`python -m vl2edge.bench.platforms.ort_versions`, README "Platforms"):
+kernels, sessions created and run (`python -m vl2edge.bench.platforms.ort_versions`, docs/benchmarks.md):
 
   feature                      first release   what the exporter writes without it
   GatherBlockQuantized bits     1.23.0          (none: the int8 embedding needs it)

@@ -156,7 +156,7 @@ def choose_kv_cache(kv_cache: str, cfg: VL2Config, target: str, experts: str,
                     floor: ort_compat.Version | None = None) -> str:
     """The KV cache's element type: "int8" (8-bit codes with static per-channel scales, export/kv_calibration.py;
     MLA: export/latent_cache.py) or "float" (the graph's I/O dtype). auto: int8 for quantized experts on cpu
-    (int4 and, since it meets the same precision policy with it, int8: README, "Precision policy"), float
+    (int4 and, since it meets the same precision policy with it, int8: docs/precision.md), float
     otherwise, and float for MHA where the asked onnxruntime (`floor`) has no quantized GroupQueryAttention cache
     (MLA's 8-bit latent cache is standard integer ops: every release has it)."""
     if kv_cache not in KV_CACHE_CHOICES:
@@ -217,7 +217,7 @@ def choose_vision(vision: str, target: str, experts: str, plan: dict) -> str:
     """The vision Linears' form: "int8" (the plan's precision as it is; fp16/fp32 where the plan says so) or
     int8-dynamic (where calibration allows, export/vision_calibration.py). auto: int8-dynamic for quantized experts
     on cpu, like the KV cache (the vision tower is most of the time to first token; int4 and int8 artifacts meet
-    the precision policy with it: README, "Precision policy"), int8 otherwise."""
+    the precision policy with it: docs/precision.md), int8 otherwise."""
     if vision not in VISION_CHOICES:
         raise ExportError(f"--vision {vision!r}: choose one of {VISION_CHOICES}")
     if vision == "auto":
@@ -231,13 +231,13 @@ def choose_vision(vision: str, target: str, experts: str, plan: dict) -> str:
 def routing_precision_note(cfg: VL2Config, experts: str, out="OUT", src="SRC") -> str | None:
     """What the export says when int4 routed experts meet a router under which they measured far from the model:
     sigmoid scores renormalized over the top-k and scaled (VL2), where each chosen expert carries a large share of
-    the MoE output. Measured on test-vl2 (README, "Precision policy"); real weights may differ, hence a note and a
+    the MoE output. Measured on test-vl2 (docs/precision.md); real weights may differ, hence a note and a
     command, not a refusal."""
     L = cfg.language
     if experts != "int4" or not L.n_routed_experts or L.scoring_func != "sigmoid":
         return None
     return ("note: with sigmoid routing (VL2), int4 routed experts missed the precision policy on synthesized "
-            "checkpoints, where --experts int8 met it (README, Precision policy); measure this checkpoint with "
+            "checkpoints, where --experts int8 met it (docs/precision.md); measure this checkpoint with "
             f"`python -m vl2edge.bench.fidelity {out} --reference {src}`")
 
 

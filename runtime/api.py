@@ -73,7 +73,7 @@ def load(path: str | Path, provider: str | None = None, threads: int | None = No
     are encoded (Engine vision_alone), so vision and language are never resident together, the activations' arena
     given back after every prefill chunk (Engine shrink_arena), and smaller prefill chunks by default
     (low_memory_chunk_size: 256 tokens on Tiny, 128 on Small): the lowest peak RSS (real-dims
-    Tiny INT4, one 640x480 image + 3.9k tokens: README), at the price of a slower prefill, a vision load per image
+    Tiny INT4, one 640x480 image + 3.9k tokens: 2.19 GB, docs/benchmarks.md), at the price of a slower prefill, a vision load per image
     and a language-model load after each image that comes once the conversation has started.
     Raises ArtifactError (a ValueError) for a missing, corrupt or mismatched artifact, ValueError for a bad option.
     """

@@ -157,7 +157,7 @@ class Engine:
         blocks, and the next chunk, whose buffers are larger (they grow with the context), does not find the
         previous chunk's sizes still held. Decode steps keep the arena. load(low_memory=True) uses it: real-dims
         Small memory plan, one image + 3,977 tokens, peak 9.00 GB and prefill 26.3 tok/s against 8.99 GB and 20.1
-        tok/s with no arena; Tiny INT4 2.19 vs 2.17 GB, 146.6 vs 130.8 tok/s (README, Small section)."""
+        tok/s with no arena; Tiny INT4 2.19 vs 2.17 GB, 146.6 vs 130.8 tok/s (docs/design.md, the low-memory mode)."""
         if vision_alone and not transient_vision:
             raise ValueError("vision_alone needs transient_vision (a resident vision session is never alone)")
         self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(artifact, verify=verify)

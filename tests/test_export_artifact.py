@@ -181,7 +181,7 @@ def test_without_a_block_size_the_export_chooses_one_that_divides_and_says_so(te
 
 
 def test_int4_export_of_a_sigmoid_routed_model_points_to_the_fidelity_tool():
-    """README, "Precision policy": int4 routed experts under VL2's sigmoid routing measured far from the model;
+    """docs/precision.md: int4 routed experts under VL2's sigmoid routing measured far from the model;
     the export says so for VL2-routed configs only, and only for int4."""
     from vl2edge.export.exporter import routing_precision_note
     from vl2edge.model.presets import preset_config

@@ -1,5 +1,5 @@
 """bench/fidelity.py: the teacher-forced comparison of an artifact with the PyTorch reference, per-stage error
-attribution, and the precision policy it backs (README, "Precision policy").
+attribution, and the precision policy it backs (docs/precision.md).
 
 The reference here is model/ (itself checked against transformers and timm in test_parity_transformers.py); an
 fp32 artifact must come out exact, which checks the tool's alignment of steps and expert selections."""
@@ -16,7 +16,7 @@ from vl2edge.model.vl2 import DeepseekVL2
 from vl2edge.runtime.processor import Processor
 
 PRESETS = ("test-tiny", "test-small", "test-vl2")
-POLICY = fidelity.POLICY  # README, "Precision policy"; fidelity.policy_verdict applies it
+POLICY = fidelity.POLICY  # docs/precision.md; fidelity.policy_verdict applies it
 FLIPS = "expert choices flipped / the bf16 reference's"
 
 
@@ -109,9 +109,9 @@ def test_quantized_artifacts_meet_the_precision_policy(policy_of, preset, expert
 
 
 def test_int4_on_test_vl2_misses_the_policy_on_its_arithmetic(policy_of):
-    """The measured state the README and the exporter's note on sigmoid-routed int4 rest on: test-vl2's int4
+    """The measured state docs/precision.md and the exporter's note on sigmoid-routed int4 rest on: test-vl2's int4
     artifact misses even with the expert choices held (top-1 0.917), not by a near-tie. If a better int4 makes this
-    fail, update README, "Precision policy", and the exporter's note."""
+    fail, update docs/precision.md and the exporter's note."""
     verdict, s = policy_of("test-vl2", "int4")
     missed = {c["check"] for c in verdict["checks"] if not c["ok"]}
     assert not verdict["met"] and "top-1 agreement, expert choices held" in missed, verdict

@@ -5,5 +5,6 @@
   aarch64       the runtime under qemu aarch64 (../shared/tools/arm64-env) against x86-64
   ort_versions  every artifact kind under PyPI's onnxruntime wheels in throwaway venvs; --speed per release
 
-README "Platforms" has the table they produce.
+docs/benchmarks.md, "onnxruntime releases and platforms", has the table they produce; README "What runs where"
+the summary.
 """
