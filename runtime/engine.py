@@ -3,7 +3,7 @@
 State is one conversation: `length` tokens are in the cache. Every step runs, per layer, the attention graph (it
 appends to the cache buffers IN PLACE, so no cache is ever copied: GroupQueryAttention gets the same OrtValue as
 past_* input and present_* output; the MLA latent form reads the buffer's valid rows and writes its `latent_new`
-output at the next rows' address; export/attention.bind_cache), the dispatch (runtime/dispatch.py: the model's
+output at the next rows' address; contract/cache.bind_cache), the dispatch (runtime/dispatch.py: the model's
 exact top-k and weights from the router logits), and the expert graph, which computes only the chosen experts. The
 head graph gives the last position's logits.
 
