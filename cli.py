@@ -56,8 +56,12 @@ class _OnnxBackend:
 
         self.model = load(args.model, provider=args.provider, threads=args.threads, max_tiles=args.max_tiles,
                           verify=args.verify, transient_vision=args.transient_vision,
-                          official_pixels=args.official_pixels, low_memory=args.low_memory)
+                          official_pixels=args.official_pixels, low_memory=args.low_memory,
+                          expert_cache=args.expert_cache)
         self.chunk_size = args.chunk_size
+        self.trace_path = args.trace_routing
+        if self.trace_path:
+            self.model.engine.routing_trace = []
 
     def answer(self, messages, images, options: dict, on_text, interruptible: bool = False):
         stream = self.model.chat(messages, images, stream=True, chunk_size=self.chunk_size, **options)
@@ -73,8 +77,28 @@ class _OnnxBackend:
     def reset(self) -> None:
         self.model.reset()
 
+    def close(self) -> None:
+        """Write the routing trace (--trace-routing) and say what the expert cache did."""
+        eng = self.model.engine
+        if self.trace_path:
+            from .runtime.routing_trace import save_trace
+
+            L = eng.config.language
+            path = save_trace(self.trace_path, eng.routing_trace, L.n_routed_experts or 0, L.num_hidden_layers)
+            print(f"[routing trace: {len(eng.routing_trace)} records -> {path}]", file=sys.stderr, flush=True)
+        if eng.expert_cache is not None:
+            c = eng.expert_cache
+            st = c.stats.as_dict()
+            rate = f"{st['hit_rate']:.1%}" if st["hit_rate"] is not None else "n/a"
+            print(f"[expert cache: {c.budget / 2**20:.0f} MiB, {c.capacity} experts; hit rate {rate} "
+                  f"({st['hits']} hits, {st['misses']} misses), {st['bytes_read'] / 2**20:.0f} MiB read "
+                  f"({c.read_mode}), {st['load_s']:.1f} s loading]", file=sys.stderr, flush=True)
+
 
 class _TorchBackend:
+    def close(self) -> None:
+        pass
+
     def __init__(self, args):
         from .reference_backend import ReferenceModel
 
@@ -149,6 +173,7 @@ def _run(args) -> int:
     ans = backend.answer(_with_tags(args.prompt, len(images)), images or None, _options(args),
                          (lambda d: None) if args.json else _stdout)
     _print_answer(args, ans, last)
+    backend.close()
     return 0
 
 
@@ -230,6 +255,7 @@ def _chat(args) -> int:
         print(flush=True)
         print(_summary(ans), file=sys.stderr, flush=True)
         history += [message, {"role": "assistant", "content": ans.text}]
+    backend.close()
     return 2 if failed else 0
 
 
@@ -290,7 +316,7 @@ def _serve(args) -> int:
     check_exposure(args.host, ServerOptions(model_id="-", api_key=api_key, no_auth=args.no_auth))  # before loading
     model = load(args.model, provider=args.provider, threads=args.threads, max_tiles=args.max_tiles,
                  verify=args.verify, transient_vision=args.transient_vision, official_pixels=args.official_pixels,
-                 low_memory=args.low_memory)
+                 low_memory=args.low_memory, expert_cache=args.expert_cache)
     model.processor.image_options["max_pixels"] = args.max_image_pixels
     options = ServerOptions(model_id=args.model_name or Path(args.model).resolve().name, api_key=api_key,
                             max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 2 ** 20),
@@ -350,6 +376,13 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
                    help="the lowest peak RSS: --transient-vision with the language model loaded after the first "
                         "images and released while later images are encoded, and 256-token prefill chunks (slower "
                         "prefill, a vision load per image, a language-model load after each later image)")
+    p.add_argument("--expert-cache", metavar="SIZE", default=None,
+                   help="keep the routed experts in the artifact's files and at most SIZE (e.g. 3G, 512M, or auto: "
+                        "the memory this process may use less the rest of the model) of them in memory, the "
+                        "recently used ones (CPU; the tokens are the same)")
+    p.add_argument("--trace-routing", metavar="FILE", default=None,
+                   help="record every MoE layer's expert choices into FILE (.npz) for "
+                        "`python -m vl2edge.bench.expert_replay FILE` (hit rate against a cache size)")
     p.add_argument("--official-pixels", action="store_true",
                    help="open images as the official code does: no EXIF rotation, transparency dropped instead of "
                         "composited over white (to compare answers with it)")

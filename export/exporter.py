@@ -52,6 +52,7 @@ import sys
 import time
 import uuid
 from dataclasses import replace
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,7 @@ from .embedding import KEY as EMBED_KEY
 from .embedding import build_embedding_graph
 from .head import build_head_graph
 from .kv_calibration import HEADROOM, KVCalibration
-from . import mla_absorb, vision_calibration
+from . import expert_cache, mla_absorb, vision_calibration
 from .linear import DYNAMIC, Precision
 from .mlp import build_mlp_graph
 from .vision import build_vision_graph
@@ -253,6 +254,7 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
     bench/fidelity.py, exports variants with one stage at fp32 to attribute the error); recorded in the manifest.
     min_onnxruntime: write only ops, inputs and attributes this onnxruntime release has (contract/ort_compat.py);
     the manifest's onnxruntime.min is what the written graphs need."""
+    import onnx
     import torch
     from safetensors.numpy import save_file
     from tqdm import tqdm
@@ -306,7 +308,7 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
         t0 = time.perf_counter()
         get = lambda name: ckpt.tensor(name, torch.float32).numpy()  # noqa: E731
         report = QualityReport()
-        graphs, layers = {}, []
+        graphs, layers, routed_layers = {}, [], {}
         parts = vision_parts(cfg, plan["vision"])
         steps = 3 + 2 * L.num_hidden_layers + (len(parts) if len(parts) > 1 else 0)
         bar = tqdm(total=steps, desc=f"export {experts}/{target}", unit="graph", disable=not progress)
@@ -343,9 +345,27 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
             attn = save(build_attention_graph(cfg, i, get, plan.get("attention", plan["linear"]), io_dtype, max_len,
                                               report, kv_scales=scales), f"layer{i:02d}_attention")
             mlp_prec = plan.get("shared_experts" if L.is_moe_layer(i) else "dense_mlp", plan["linear"])
-            mlp = save(build_mlp_graph(cfg, i, get, mlp_prec, plan["experts"], io_dtype, report, routing_form),
-                       f"layer{i:02d}_{'moe' if L.is_moe_layer(i) else 'mlp'}")
+            name = f"layer{i:02d}_{'moe' if L.is_moe_layer(i) else 'mlp'}"
+            cacheable = L.is_moe_layer(i) and routing_form == "weights"  # cpu, quantized experts
+            g = build_mlp_graph(cfg, i, get, mlp_prec, plan["experts"], io_dtype, report, routing_form)
+            mlp = save(g, name, record=cacheable)
+            if cacheable:  # the expert cache's view of the same bytes (export/expert_cache.py)
+                shared = save(build_mlp_graph(cfg, i, get, mlp_prec, plan["experts"], io_dtype, routed=False),
+                              f"layer{i:02d}_shared", stored=g.written)
+                routed_layers[str(i)] = {"shared": shared, "data": f"{name}.onnx.data",
+                                         "tensors": expert_cache.routed_tensors(g, f"{name}.onnx.data")}
+            del g
             layers.append({"attention": attn, "mlp": mlp, "moe": L.is_moe_layer(i)})
+        if routed_layers:
+            first = next(iter(routed_layers.values()))["tensors"]
+            template = expert_cache.build_expert_template(
+                L.hidden_size, plan["experts"], io_dtype, {k: t["shape"] for k, t in first.items()},
+                {k: t["dtype"] for k, t in first.items()})
+            onnx.save_model(template, str(tmp / expert_cache.TEMPLATE))
+            io = SimpleNamespace(inputs=template.graph.input, outputs=template.graph.output)
+            graphs["routed_experts"] = {
+                "template": graph_entry(io, expert_cache.TEMPLATE),
+                "expert_bytes": expert_cache.expert_bytes(first), "layers": routed_layers}
         graphs["head"] = save(build_head_graph(cfg, get, plan["lm_head"], io_dtype, report), "head")
         bar.close()
 

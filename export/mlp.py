@@ -132,9 +132,11 @@ def _routed_experts(g: GraphBuilder, x2d: str, probs: str, weights: str, cfg: VL
 
 def build_mlp_graph(cfg: VL2Config, layer: int, get: Getter, prec: Precision, expert_prec: Precision,
                     io_dtype=np.float32, report: QualityReport | None = None,
-                    routing_form: str = "weights") -> GraphBuilder:
+                    routing_form: str = "weights", routed: bool = True) -> GraphBuilder:
     """`get(name)` returns a checkpoint tensor as fp32 numpy. `prec` is for the dense MLP and shared experts,
-    `expert_prec` for the routed experts; routing_form: how QMoE gets the routing (module docstring)."""
+    `expert_prec` for the routed experts; routing_form: how QMoE gets the routing (module docstring).
+    routed=False: a MoE layer without its routed experts, hidden + shared_experts(mlp_in): the expert cache's
+    "shared" graph (export/expert_cache.py), to which the runtime adds the routed experts it runs itself."""
     if routing_form not in ROUTING_FORMS:
         raise ValueError(f"routing_form {routing_form!r}: choose one of {ROUTING_FORMS}")
     L = cfg.language
@@ -146,6 +148,9 @@ def build_mlp_graph(cfg: VL2Config, layer: int, get: Getter, prec: Precision, ex
     x = g.input("mlp_in", io_dtype, [1, "T", H])
     if not moe:
         y = _gated_mlp(g, x, get, prefix, prec, io_dtype, report, "dense_mlp")
+    elif not routed:  # every released VL2 model has shared experts; without them the graph passes hidden on
+        y = _gated_mlp(g, x, get, prefix + "shared_experts.", prec, io_dtype, None, "shared_experts") \
+            if L.n_shared_experts else g.op("Mul", [x, g.const("zero", np.zeros((), io_dtype))], hint="no_shared")
     else:
         probs = g.input("router_probs", io_dtype, ["T", L.n_routed_experts])
         weights = g.input("router_weights", io_dtype, ["T", L.n_routed_experts])

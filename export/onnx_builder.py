@@ -122,6 +122,7 @@ class GraphBuilder:
         path = Path(path)
         data_name = path.name + ".data"
         tensors, offset, self.written = [], 0, {}
+        self.offsets: dict[str, tuple[str, int]] = {}  # initializer -> (data file, offset): where it lives
         with open(path.parent / data_name, "wb") as f:
             for name, a in self._arrays:
                 if a.nbytes < inline_below:
@@ -139,6 +140,7 @@ class GraphBuilder:
                     if record:
                         self.written[key] = (location, at)
                     offset += a.nbytes
+                self.offsets[name] = (location, at)
                 t = TensorProto(name=name, data_type=NP_TO_ONNX[a.dtype], dims=list(a.shape),
                                 data_location=TensorProto.EXTERNAL)
                 for k, v in (("location", location), ("offset", str(at)), ("length", str(a.nbytes))):

@@ -31,8 +31,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
+
 from .chat_template import IMAGE_TAG, as_image_list, normalize_messages
 from .engine import Engine
+from .expert_cache import ExpertCacheError, memory_limit_bytes, parse_size
 from .generation import Result, Runner, Stream
 from .grounding import referring_prompt
 from .images import OFFICIAL_PIXELS
@@ -58,9 +61,27 @@ def low_memory_chunk_size(num_heads: int, max_len: int) -> int:
     return chunk
 
 
+def expert_cache_budget(art, size: str | int) -> int:
+    """Bytes for the expert cache: a size ("3G", bytes) or "auto": the memory this process may use (its cgroup's
+    limit, else MemAvailable) less the artifact's weights that stay resident (everything but the routed experts)
+    and 1 GiB for activations, the KV cache and the runtime."""
+    if str(size).strip().lower() != "auto":
+        return parse_size(size)
+    limit = memory_limit_bytes()
+    routed = art.manifest["graphs"].get("routed_experts") or {}
+    experts = sum(int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize
+                  for layer in routed.get("layers", {}).values() for t in layer["tensors"].values())
+    rest = sum(f["bytes"] for f in art.manifest["files"].values()) - experts
+    budget = (limit or 0) - rest - 2**30
+    if budget <= 0:
+        raise ExpertCacheError(f"--expert-cache auto: {limit} bytes available, the artifact's other weights need "
+                               f"{rest} and the runtime ~1 GiB; give a size")
+    return budget
+
+
 def load(path: str | Path, provider: str | None = None, threads: int | None = None, max_tiles: int | None = None,
          verify: str = "sha256", transient_vision: bool = False, official_pixels: bool = False,
-         low_memory: bool = False) -> "Model":
+         low_memory: bool = False, expert_cache: str | int | None = None) -> "Model":
     """Open an exported artifact directory.
 
     provider: None = best available (CUDA, then CPU), "cpu" or "cuda" (absent -> warning and CPU); threads: ORT
@@ -75,6 +96,9 @@ def load(path: str | Path, provider: str | None = None, threads: int | None = No
     (low_memory_chunk_size: 256 tokens on Tiny, 128 on Small): the lowest peak RSS (real-dims
     Tiny INT4, one 640x480 image + 3.9k tokens: 2.19 GB, docs/benchmarks.md), at the price of a slower prefill, a vision load per image
     and a language-model load after each image that comes once the conversation has started.
+    expert_cache: "3G", "512M", a number of bytes or "auto" (the memory this process may use, less the artifact's
+    other weights and 1 GiB): the routed experts stay in the artifact's files and a pool of that size holds the
+    recently used ones (runtime/expert_cache.py); the tokens are the same whatever the size.
     Raises ArtifactError (a ValueError) for a missing, corrupt or mismatched artifact, ValueError for a bad option.
     """
     if verify not in ("sha256", "size"):
@@ -83,8 +107,9 @@ def load(path: str | Path, provider: str | None = None, threads: int | None = No
 
     art = open_artifact(path, verify=verify)
     try:
+        budget = None if expert_cache is None else expert_cache_budget(art, expert_cache)
         engine = Engine(art, provider=provider, threads=threads, transient_vision=transient_vision or low_memory,
-                        vision_alone=low_memory, shrink_arena=low_memory)
+                        vision_alone=low_memory, shrink_arena=low_memory, expert_cache=budget)
     except ValueError:
         raise
     except Exception as e:  # onnxruntime's own errors for a graph it cannot load

@@ -28,6 +28,7 @@ from ..contract.routing_feed import expert_graph_inputs
 from ..model.config import VL2Config
 from .artifact import Artifact, ArtifactError, check_onnxruntime, open_artifact
 from .dispatch import ExpertCounts, RoutingConfig, route
+from .expert_cache import ExpertCache, ExpertCacheError
 from .image_layout import scatter_images
 from .residency import page_out_files
 
@@ -133,12 +134,14 @@ class _Layer:
     moe: bool
     has_router: bool
     bias: np.ndarray | None = None
+    cached: bool = False  # the routed experts run from the expert cache; `mlp` is the layer's shared graph
 
 
 class Engine:
     def __init__(self, artifact: str | Artifact, provider: str | None = None, threads: int | None = None,
                  verify: str = "sha256", spin: bool = False, transient_vision: bool = False,
-                 vision_alone: bool = False, arena: bool = True, shrink_arena: bool = False):
+                 vision_alone: bool = False, arena: bool = True, shrink_arena: bool = False,
+                 expert_cache: int | None = None):
         """transient_vision: create the vision session for each encode_images call and release it after, instead
         of keeping it for the engine's life: its weights (int8 SigLIP, ~0.43 GB) and prepacked copies are then
         resident only while images are encoded, at the price of loading it again for every image. The language
@@ -157,7 +160,11 @@ class Engine:
         blocks, and the next chunk, whose buffers are larger (they grow with the context), does not find the
         previous chunk's sizes still held. Decode steps keep the arena. load(low_memory=True) uses it: real-dims
         Small memory plan, one image + 3,977 tokens, peak 9.00 GB and prefill 26.3 tok/s against 8.99 GB and 20.1
-        tok/s with no arena; Tiny INT4 2.19 vs 2.17 GB, 146.6 vs 130.8 tok/s (docs/design.md, the low-memory mode)."""
+        tok/s with no arena; Tiny INT4 2.19 vs 2.17 GB, 146.6 vs 130.8 tok/s (docs/design.md, the low-memory mode).
+        expert_cache (bytes, CPU): the routed experts stay in the artifact's files and a pool of that many bytes of
+        prepacked expert sessions holds the recently used ones (runtime/expert_cache.py); the MoE graphs are never
+        loaded, each MoE layer runs its shared graph and then the chosen experts, and a prompt is prefilled layer
+        by layer (every chunk through layer L before layer L+1), so each layer's experts are read once per prompt."""
         if vision_alone and not transient_vision:
             raise ValueError("vision_alone needs transient_vision (a resident vision session is never alone)")
         self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(artifact, verify=verify)
@@ -168,6 +175,12 @@ class Engine:
         self.max_len = int(m["attention"]["max_len"])
         self.providers, self.provider = resolve_providers(provider)
         self.device = "cuda" if self.provider == "cuda" else "cpu"  # where a step's hidden states live
+        self.routing_trace: list | None = None  # [(layer, experts [T, k])] while routing is recorded
+        self.expert_cache = None
+        if expert_cache is not None:
+            if self.provider != "cpu":
+                raise ExpertCacheError("--expert-cache runs on the CPU provider (the CUDA design: docs/design.md)")
+            self.expert_cache = ExpertCache(self.artifact, expert_cache, threads, self.io_dtype, self.providers)
         if shrink_arena and not arena:
             raise ValueError("shrink_arena needs the arena (arena=True)")
         self.arena = arena or self.provider != "cpu"
@@ -255,10 +268,12 @@ class Engine:
         g = m["graphs"]
         bias = load_file(str(self.artifact.path(m["router_bias"]))) if m.get("router_bias") else {}
         layers = []
+        cached = self.expert_cache.layers if self.expert_cache is not None else {}
         for i, entry in enumerate(g["layers"]):
             outs = [v["name"] for v in entry["attention"]["outputs"]]
-            layers.append(_Layer(self._session(entry["attention"]["file"]), self._session(entry["mlp"]["file"]),
-                                 entry["moe"], "router_logits" in outs, bias.get(f"layer{i}")))
+            mlp = cached[i]["shared"]["file"] if i in cached else entry["mlp"]["file"]  # routed experts: the pool's
+            layers.append(_Layer(self._session(entry["attention"]["file"]), self._session(mlp),
+                                 entry["moe"], "router_logits" in outs, bias.get(f"layer{i}"), i in cached))
         self.layers = layers
         self.head = self._session(g["head"]["file"])
         self.embedding = self._session(g["embedding"]["file"])  # last: it marks the language model as loaded
@@ -403,6 +418,9 @@ class Engine:
             outs = b.get_outputs()
             t1 = time.perf_counter()
             self.timings.attention += t1 - t0
+            if layer.cached:
+                x = self._cached_moe(i, layer, outs[0], outs[1], outs[2].numpy())
+                continue
             m = layer.mlp.io_binding()
             m.bind_ortvalue_input("hidden", outs[0])
             m.bind_ortvalue_input("mlp_in", outs[1])
@@ -418,17 +436,39 @@ class Engine:
             self.timings.experts += time.perf_counter() - t2
         t0 = time.perf_counter()
         h = self.head.io_binding()
-        h.bind_ortvalue_input("hidden", x)
+        if isinstance(x, np.ndarray):  # the last layer ran from the expert cache
+            h.bind_cpu_input("hidden", x)
+        else:
+            h.bind_ortvalue_input("hidden", x)
         h.bind_output("logits", "cpu")
         self.head.run_with_iobinding(h, self._shrink_after_chunk if t > 1 else None)
         logits = h.get_outputs()[0].numpy()[0]
         self.timings.head += time.perf_counter() - t0
         return logits
 
-    def _route(self, i: int, layer: _Layer, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _choose(self, i: int, layer: _Layer, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The experts and weights for layer i (dispatch), counted, and recorded when routing is traced."""
         idx, w = route(router_logits, self.routing, layer.bias)
         self.expert_counts.add(i, idx)
+        if self.routing_trace is not None:
+            self.routing_trace.append((i, idx))
+        return idx, w
+
+    def _route(self, i: int, layer: _Layer, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        idx, w = self._choose(i, layer, router_logits)
         return expert_graph_inputs(idx, w, self.routing.num_experts, self.io_dtype)
+
+    def _cached_moe(self, i: int, layer: _Layer, hidden, mlp_in, router_logits: np.ndarray) -> np.ndarray:
+        """A MoE layer from the expert cache: the shared graph, plus the chosen experts run one by one."""
+        t0 = time.perf_counter()
+        idx, w = self._choose(i, layer, router_logits)
+        t1 = time.perf_counter()
+        self.timings.dispatch += t1 - t0
+        x = mlp_in.numpy()
+        out = layer.mlp.run(None, {"hidden": hidden.numpy(), "mlp_in": x})[0]
+        out += self.expert_cache.run(i, x.reshape(-1, x.shape[-1]), idx, w).reshape(out.shape)
+        self.timings.experts += time.perf_counter() - t1
+        return out
 
     def prefill(self, embeds: np.ndarray, chunk_size: int = 512,
                 stop: Callable[[], bool] | None = None) -> np.ndarray | None:
@@ -439,11 +479,63 @@ class Engine:
             raise ContextFullError(f"prompt of {len(embeds)} tokens after {self.length} in the cache exceeds the "
                                    f"context of {self.max_len} (over by {self.length + len(embeds) - self.max_len})")
         step = chunk_size if chunk_size > 0 else len(embeds)
+        if self.expert_cache is not None:
+            return self._prefill_layer_major(embeds, step, stop)
         logits = None
         for c in range(0, len(embeds), step):
             if c and stop is not None and stop():
                 return None
             logits = self.forward(embeds[c:c + step])
+        return logits
+
+    def _prefill_layer_major(self, embeds: np.ndarray, step: int, stop: Callable[[], bool] | None) -> np.ndarray | None:
+        """The prompt through one layer at a time, in chunks of `step` within each layer (bounded activations), so a
+        layer's routed experts are read into the expert cache once for the whole prompt, not once per chunk. A
+        chunk's attention at layer L reads the cache rows the earlier chunks wrote at layer L. `stop` is asked
+        between layers; when it says so nothing of this prompt is kept (the cache keeps what it had)."""
+        self.load_language()
+        base, total = self.length, len(embeds)
+        spans = [(a, min(a + step, total)) for a in range(0, total, step)]
+        x = np.ascontiguousarray(embeds, dtype=self.io_dtype)
+        for i, layer in enumerate(self.layers):
+            if i and stop is not None and stop():
+                return None
+            t0 = time.perf_counter()
+            hidden, mlp_in = np.empty_like(x), np.empty_like(x)
+            logits = []
+            for a, b in spans:
+                bind = layer.attention.io_binding()
+                bind_step_inputs(bind, x[None, a:b], base + a)
+                bind.bind_output("hidden_out", "cpu")
+                bind.bind_output("mlp_in", "cpu")
+                if layer.has_router:
+                    bind.bind_output("router_logits", "cpu")
+                bind_cache(bind, self.attention_kind, self.caches[i], base + a, b - a, self.provider)
+                layer.attention.run_with_iobinding(bind)
+                outs = bind.get_outputs()
+                hidden[a:b], mlp_in[a:b] = outs[0].numpy()[0], outs[1].numpy()[0]
+                if layer.has_router:
+                    logits.append(outs[2].numpy())
+            t1 = time.perf_counter()
+            self.timings.attention += t1 - t0
+            out = np.empty_like(x)
+            if layer.cached:
+                idx, w = self._choose(i, layer, np.concatenate(logits))
+                for a, b in spans:
+                    out[a:b] = layer.mlp.run(None, {"hidden": hidden[None, a:b], "mlp_in": mlp_in[None, a:b]})[0][0]
+                out += self.expert_cache.run(i, mlp_in, idx, w)
+            else:
+                for k, (a, b) in enumerate(spans):
+                    feeds = {"hidden": hidden[None, a:b], "mlp_in": mlp_in[None, a:b]}
+                    if layer.moe:
+                        feeds["router_probs"], feeds["router_weights"] = self._route(i, layer, logits[k])
+                    out[a:b] = layer.mlp.run(None, feeds)[0][0]
+            self.timings.experts += time.perf_counter() - t1
+            x = out
+        t0 = time.perf_counter()
+        logits = self.head.run(None, {"hidden": x[None, -1:]})[0][0]
+        self.timings.head += time.perf_counter() - t0
+        self.length = base + total
         return logits
 
     def decode(self, token: int) -> np.ndarray:
