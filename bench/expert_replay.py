@@ -82,7 +82,9 @@ def replay(records: list[tuple[int, np.ndarray]], capacity: int, prefetch_accura
     rng = np.random.default_rng(seed)
     lru: OrderedDict[tuple[int, int], bool] = OrderedDict()  # key -> read ahead and not used yet
     hits = misses = read_ahead = used_ahead = 0
+    step_hits = step_misses = 0  # over the records of one token (decode steps)
     touched = [[(layer, int(e)) for e in np.unique(idx)] for layer, idx in records]
+    one_token = [len(idx) == 1 for _, idx in records]
 
     def insert(key, ahead: bool):
         while len(lru) >= capacity:
@@ -93,11 +95,13 @@ def replay(records: list[tuple[int, np.ndarray]], capacity: int, prefetch_accura
         for key in keys:
             if key in lru:
                 hits += 1
+                step_hits += one_token[r]
                 used_ahead += lru[key]
                 lru[key] = False
                 lru.move_to_end(key)
             else:
                 misses += 1
+                step_misses += one_token[r]
                 insert(key, False)
         if prefetch_accuracy > 0 and r + 1 < len(touched):  # issued while record r runs, for record r + 1
             for key in touched[r + 1]:
@@ -105,34 +109,41 @@ def replay(records: list[tuple[int, np.ndarray]], capacity: int, prefetch_accura
                     insert(key, True)
                     read_ahead += 1
     total = hits + misses
+    step_total = step_hits + step_misses
     return {"capacity": capacity, "hits": hits, "misses": misses, "hit_rate": hits / total if total else None,
-            "read_ahead": read_ahead, "read_ahead_used": used_ahead}
+            "read_ahead": read_ahead, "read_ahead_used": used_ahead,
+            "decode_hit_rate": step_hits / step_total if step_total else None, "decode_misses": step_misses}
 
 
 def table(records, num_experts: int, moe_layers: int, fractions=FRACTIONS, prefetch_accuracy: float = 0.9) -> list:
+    """Per budget: the decode steps' hit rate and misses per decoded token (all MoE layers), without and with
+    prefetch, and the whole trace's hit rate (the prompt's first touches included)."""
+    tokens = sum(len(idx) == 1 for _, idx in records) / max(moe_layers, 1)
     rows = []
     for f in fractions:
         cap = max(1, int(round(f * num_experts * moe_layers)))
         plain = replay(records, cap)
         pre = replay(records, cap, prefetch_accuracy)
         rows.append({"fraction": f, "capacity": cap, "hit_rate": plain["hit_rate"],
-                     "hit_rate_prefetch": pre["hit_rate"], "misses_per_record": plain["misses"] / len(records),
-                     "misses_per_record_prefetch": pre["misses"] / len(records),
-                     "reads_per_record_prefetch": (pre["misses"] + pre["read_ahead"]) / len(records),
+                     "decode_hit_rate": plain["decode_hit_rate"],
+                     "misses_per_token": plain["decode_misses"] / tokens if tokens else None,
+                     "decode_hit_rate_prefetch": pre["decode_hit_rate"],
+                     "misses_per_token_prefetch": pre["decode_misses"] / tokens if tokens else None,
                      "read_ahead_used": pre["read_ahead_used"] / pre["read_ahead"] if pre["read_ahead"] else None})
     return rows
 
 
 def render(rows: list, title: str) -> str:
-    out = [title, "misses = reads on the critical path per MoE layer and forward call; with prefetch, reads also "
-                  "counts the ones made ahead (in the background)",
-           f"{'budget':>7} {'experts':>8} {'hit rate':>9} {'misses':>7} | {'prefetch: hit rate':>18} {'misses':>7} "
-           f"{'reads':>6} {'read ahead used':>16}"]
+    out = [title, "decode: the one-token records; misses = expert reads on the critical path per decoded token "
+                  "(all MoE layers)",
+           f"{'budget':>7} {'experts':>8} {'all hit rate':>13} {'decode hit rate':>16} {'misses/token':>13} | "
+           f"{'prefetch: hit rate':>18} {'misses/token':>13} {'read ahead used':>16}"]
     for r in rows:
-        used = f"{r['read_ahead_used']:.2f}" if r["read_ahead_used"] is not None else "-"
-        out.append(f"{r['fraction']:>6.0%} {r['capacity']:>8} {r['hit_rate']:>9.3f} {r['misses_per_record']:>7.2f} | "
-                   f"{r['hit_rate_prefetch']:>18.3f} {r['misses_per_record_prefetch']:>7.2f} "
-                   f"{r['reads_per_record_prefetch']:>6.2f} {used:>16}")
+        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        out.append(f"{r['fraction']:>6.0%} {r['capacity']:>8} {fmt(r['hit_rate'], '.3f'):>13} "
+                   f"{fmt(r['decode_hit_rate'], '.3f'):>16} {fmt(r['misses_per_token'], '.1f'):>13} | "
+                   f"{fmt(r['decode_hit_rate_prefetch'], '.3f'):>18} {fmt(r['misses_per_token_prefetch'], '.1f'):>13} "
+                   f"{fmt(r['read_ahead_used'], '.2f'):>16}")
     return "\n".join(out)
 
 
