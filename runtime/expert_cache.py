@@ -6,8 +6,9 @@ graphs: each MoE layer runs its "shared" graph (hidden + shared experts, export/
 experts the runtime chose, each as its own single-expert QMoE session made from the artifact's template with that
 expert's four slices handed over as external initializers (ONNX Runtime prepacks them as it does the full layer's).
 A session stays in a least-recently-used pool while the pool's resident cost fits the budget; a miss reads the
-expert's bytes (four preads from layerNN_moe.onnx.data, then POSIX_FADV_DONTNEED on the ranges, so the page
-cache does not hold a second copy that a memory cgroup would count) and makes its session.
+expert's bytes (four reads from layerNN_moe.onnx.data with O_DIRECT, around the page cache, so it holds no second
+copy for a memory cgroup to count; where a filesystem refuses O_DIRECT, pread then POSIX_FADV_DONTNEED on the
+ranges) and makes its session.
 
 Why sessions per expert (one real-dims Small MoE layer, int4 block 128, 2 threads, 2026-12-03; docs/design.md):
   QMoE over the 64 experts, prepacked               decode 0.94-1.05 ms per token, session 715 ms to make
@@ -26,16 +27,20 @@ sleeps between runs (no spinning).
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
 RESIDENT_FACTOR = 1.7  # resident bytes per cached expert / its stored bytes: 1.66 measured on real-dims Tiny
+READERS = 8  # concurrent expert reads
+_ALIGN = 4096  # O_DIRECT: offsets, lengths and buffers on this boundary
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -92,7 +97,6 @@ class ExpertCacheStats:
     evictions: int = 0
     bytes_read: int = 0
     load_s: float = 0.0
-    per_layer_misses: dict[int, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         total = self.hits + self.misses
@@ -127,8 +131,9 @@ class ExpertCache:
         self.threads = threads
         self.slots: OrderedDict[tuple[int, int], tuple[ort.InferenceSession, list[np.ndarray]]] = OrderedDict()
         self.stats = ExpertCacheStats()
-        self._fds: dict[str, int] = {}
-        self.read_mode = "pread + POSIX_FADV_DONTNEED" if hasattr(os, "posix_fadvise") else "pread"
+        self._fds: dict[str, tuple[int, bool]] = {}  # data file -> (descriptor, O_DIRECT)
+        self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="vl2edge-expert-read")
+        self.read_mode = "O_DIRECT" if hasattr(os, "O_DIRECT") else "pread + POSIX_FADV_DONTNEED"
 
     @property
     def capacity(self) -> int:
@@ -140,35 +145,61 @@ class ExpertCache:
 
     def close(self) -> None:
         self.slots.clear()
-        for fd in self._fds.values():
+        for fd, _ in self._fds.values():
             os.close(fd)
         self._fds.clear()
 
     # --- one expert ---------------------------------------------------------------------------------------------
+    def _open(self, name: str) -> tuple[int, bool]:
+        """The data file's descriptor, opened with O_DIRECT where the filesystem allows it (reads then bypass the
+        page cache: no second copy for a memory cgroup to count, no reclaim to pay for it)."""
+        got = self._fds.get(name)
+        if got is None:
+            path = self.artifact.path(name)
+            direct = getattr(os, "O_DIRECT", 0)
+            try:
+                got = (os.open(path, os.O_RDONLY | direct), bool(direct))
+            except OSError:  # tmpfs and some others refuse O_DIRECT
+                got = (os.open(path, os.O_RDONLY), False)
+                self.read_mode = "pread + POSIX_FADV_DONTNEED (O_DIRECT refused)"
+            self._fds[name] = got
+        return got
+
+    def _pread(self, name: str, at: int, n: int) -> np.ndarray:
+        fd, direct = self._open(name)
+        if direct:
+            start, end = at - at % _ALIGN, -(-(at + n) // _ALIGN) * _ALIGN
+            buf = mmap.mmap(-1, end - start)  # page-aligned, as O_DIRECT wants
+            try:
+                got = os.preadv(fd, [buf], start)
+            except OSError:  # the filesystem took the flag at open and refuses the read: buffered from now on
+                os.close(fd)
+                self._fds[name] = (os.open(self.artifact.path(name), os.O_RDONLY), False)
+                self.read_mode = "pread + POSIX_FADV_DONTNEED (O_DIRECT refused)"
+                return self._pread(name, at, n)
+            if got < at - start + n:
+                raise ExpertCacheError(f"{name}: {n} bytes at {at} are cut short: the artifact is damaged")
+            return np.frombuffer(buf, np.uint8, count=n, offset=at - start)
+        buf = np.empty(n, np.uint8)
+        if os.preadv(fd, [buf], at) != n:
+            raise ExpertCacheError(f"{name}: {n} bytes at {at} are cut short: the artifact is damaged")
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, at, n, os.POSIX_FADV_DONTNEED)
+        return buf
+
     def _read(self, layer: int, expert: int) -> list[np.ndarray]:
         entry = self.layers[layer]
-        fd = self._fds.get(entry["data"])
-        if fd is None:
-            fd = self._fds[entry["data"]] = os.open(self.artifact.path(entry["data"]), os.O_RDONLY)
         arrays = []
-        for name, t in entry["tensors"].items():
+        for t in entry["tensors"].values():
             shape, dtype = [1, *t["shape"][1:]], np.dtype(t["dtype"])
             n = int(np.prod(shape)) * dtype.itemsize
-            at = t["offset"] + expert * n
-            buf = np.empty(n, np.uint8)
-            got = os.preadv(fd, [buf], at)
-            if got != n:
-                raise ExpertCacheError(f"{entry['data']}: expert {expert} of layer {layer} is cut short ({got} of {n} "
-                                       f"bytes at {at}): the artifact is damaged")
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, at, n, os.POSIX_FADV_DONTNEED)
-            arrays.append(buf.view(dtype).reshape(shape))
-            self.stats.bytes_read += n
+            arrays.append(self._pread(entry["data"], t["offset"] + expert * n, n).view(dtype).reshape(shape))
         return arrays
 
-    def _load(self, layer: int, expert: int):
+    def _load(self, layer: int, expert: int, arrays: list[np.ndarray] | None = None):
         t0 = time.perf_counter()
-        arrays = self._read(layer, expert)
+        arrays = arrays if arrays is not None else self._read(layer, expert)
+        self.stats.bytes_read += self.expert_bytes
         opts = ort.SessionOptions()
         if self.threads:  # 2 threads against 1 on real-dims Tiny: prefill 153 vs 119 tok/s, decode the same
             opts.intra_op_num_threads = self.threads
@@ -190,7 +221,7 @@ class ExpertCache:
         # are kept in case a kernel reads them in place
         return session, [a for name, a in zip(names, arrays) if "scales" in name]
 
-    def session(self, layer: int, expert: int) -> ort.InferenceSession:
+    def session(self, layer: int, expert: int, arrays: list[np.ndarray] | None = None) -> ort.InferenceSession:
         key = (layer, expert)
         slot = self.slots.get(key)
         if slot is not None:
@@ -198,11 +229,10 @@ class ExpertCache:
             self.stats.hits += 1
             return slot[0]
         self.stats.misses += 1
-        self.stats.per_layer_misses[layer] = self.stats.per_layer_misses.get(layer, 0) + 1
         while self.slots and self.resident_bytes() + self.resident_cost > self.budget:
             self.slots.popitem(last=False)
             self.stats.evictions += 1
-        slot = self._load(layer, expert)
+        slot = self._load(layer, expert, arrays)
         self.slots[key] = slot
         return slot[0]
 
@@ -214,11 +244,20 @@ class ExpertCache:
         experts once, and the experts the token needs are resident while it runs."""
         x = np.ascontiguousarray(x, dtype=self.io_dtype)
         y = np.zeros_like(x)
-        for expert in np.unique(idx):
+        experts = np.unique(idx)
+        missing = [int(e) for e in experts if (layer, int(e)) not in self.slots]
+        batches = {batch[0]: batch for batch in (missing[i:i + READERS] for i in range(0, len(missing), READERS))}
+        read: dict[int, list[np.ndarray]] = {}
+        for expert in experts:
+            batch = batches.get(int(expert))
+            if batch and len(batch) > 1:  # READERS misses read at once: the disk's queue depth sets the rate
+                t0 = time.perf_counter()
+                read.update(zip(batch, self._readers.map(lambda e: self._read(layer, e), batch)))
+                self.stats.load_s += time.perf_counter() - t0
             rows, cols = np.nonzero(idx == expert)
             w = weights[rows, cols].astype(self.io_dtype).reshape(-1, 1)
-            out = self.session(layer, int(expert)).run(None, {"x": x[rows], "router_probs": np.ones_like(w),
-                                                               "router_weights": w})[0]
+            session = self.session(layer, int(expert), read.pop(int(expert), None))
+            out = session.run(None, {"x": x[rows], "router_probs": np.ones_like(w), "router_weights": w})[0]
             y[rows] += out  # a token chooses an expert at most once: rows are distinct
         return y
 
