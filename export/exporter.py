@@ -52,14 +52,14 @@ import sys
 import time
 import uuid
 from dataclasses import replace
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 from ..contract import ort_compat
 from ..contract.cache import cache_bytes_per_token, cache_dtypes, cache_shapes
-from ..contract.manifest import FORMAT_VERSION, file_sha256, graph_entry, write_manifest
+from ..contract.manifest import FORMAT, FORMAT_VERSION, file_sha256, graph_entry, write_manifest
 from ..model.checkpoint import Checkpoint
 from ..model.config import VL2Config
 from ..quant.report import QualityReport
@@ -350,6 +350,7 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
             g = build_mlp_graph(cfg, i, get, mlp_prec, plan["experts"], io_dtype, report, routing_form)
             mlp = save(g, name, record=cacheable)
             if cacheable:  # the expert cache's view of the same bytes (export/expert_cache.py)
+                bar.total += 1
                 shared = save(build_mlp_graph(cfg, i, get, mlp_prec, plan["experts"], io_dtype, routed=False),
                               f"layer{i:02d}_shared", stored=g.written)
                 routed_layers[str(i)] = {"shared": shared, "data": f"{name}.onnx.data",
@@ -382,7 +383,7 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
         files = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
         features = graph_features(L, plan, target, kv_cache, routing_form)
         manifest = {
-            "format": "vl2edge-artifact",
+            "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "source": {"checkpoint": str(ckpt.dir), "config": cfg.raw},
             "target": target,

@@ -406,18 +406,8 @@ class Engine:
         test-tiny."""
         dev = self.device
         for i, layer in enumerate(self.layers):
-            t0 = time.perf_counter()
-            b = layer.attention.io_binding()
-            bind_step_inputs(b, x, past)
-            b.bind_output("hidden_out", dev)
-            b.bind_output("mlp_in", dev)
-            if layer.has_router:
-                b.bind_output("router_logits", "cpu")
-            bind_cache(b, self.attention_kind, self.caches[i], past, t, self.provider)
-            layer.attention.run_with_iobinding(b)
-            outs = b.get_outputs()
+            outs = self._attention(i, layer, x, past, t, dev)
             t1 = time.perf_counter()
-            self.timings.attention += t1 - t0
             if layer.cached:
                 x = self._cached_moe(i, layer, outs[0], outs[1], outs[2].numpy())
                 continue
@@ -445,6 +435,21 @@ class Engine:
         logits = h.get_outputs()[0].numpy()[0]
         self.timings.head += time.perf_counter() - t0
         return logits
+
+    def _attention(self, i: int, layer: _Layer, x, past: int, t: int, device: str) -> list:
+        """Layer i's attention graph on x [1, t, H] (numpy or OrtValue) after `past` cached tokens, appending to its
+        cache in place: [hidden_out, mlp_in (, router_logits on the CPU)] as OrtValues on `device`."""
+        t0 = time.perf_counter()
+        b = layer.attention.io_binding()
+        bind_step_inputs(b, x, past)
+        b.bind_output("hidden_out", device)
+        b.bind_output("mlp_in", device)
+        if layer.has_router:
+            b.bind_output("router_logits", "cpu")
+        bind_cache(b, self.attention_kind, self.caches[i], past, t, self.provider)
+        layer.attention.run_with_iobinding(b)
+        self.timings.attention += time.perf_counter() - t0
+        return b.get_outputs()
 
     def _choose(self, i: int, layer: _Layer, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The experts and weights for layer i (dispatch), counted, and recorded when routing is traced."""
@@ -500,24 +505,14 @@ class Engine:
         for i, layer in enumerate(self.layers):
             if i and stop is not None and stop():
                 return None
-            t0 = time.perf_counter()
             hidden, mlp_in = np.empty_like(x), np.empty_like(x)
             logits = []
             for a, b in spans:
-                bind = layer.attention.io_binding()
-                bind_step_inputs(bind, x[None, a:b], base + a)
-                bind.bind_output("hidden_out", "cpu")
-                bind.bind_output("mlp_in", "cpu")
-                if layer.has_router:
-                    bind.bind_output("router_logits", "cpu")
-                bind_cache(bind, self.attention_kind, self.caches[i], base + a, b - a, self.provider)
-                layer.attention.run_with_iobinding(bind)
-                outs = bind.get_outputs()
+                outs = self._attention(i, layer, x[None, a:b], base + a, b - a, "cpu")
                 hidden[a:b], mlp_in[a:b] = outs[0].numpy()[0], outs[1].numpy()[0]
                 if layer.has_router:
                     logits.append(outs[2].numpy())
             t1 = time.perf_counter()
-            self.timings.attention += t1 - t0
             out = np.empty_like(x)
             if layer.cached:
                 idx, w = self._choose(i, layer, np.concatenate(logits))

@@ -144,6 +144,7 @@ class ExpertCache:
         return len(self.slots) * self.resident_cost
 
     def close(self) -> None:
+        self._readers.shutdown()
         self.slots.clear()
         for fd, _ in self._fds.values():
             os.close(fd)
