@@ -57,7 +57,7 @@ class _OnnxBackend:
         self.model = load(args.model, provider=args.provider, threads=args.threads, max_tiles=args.max_tiles,
                           verify=args.verify, transient_vision=args.transient_vision,
                           official_pixels=args.official_pixels, low_memory=args.low_memory,
-                          expert_cache=args.expert_cache)
+                          expert_cache=args.expert_cache, expert_prefetch=not args.no_prefetch)
         self.chunk_size = args.chunk_size
         self.trace_path = args.trace_routing
         if self.trace_path:
@@ -90,9 +90,13 @@ class _OnnxBackend:
             c = eng.expert_cache
             st = c.stats.as_dict()
             rate = f"{st['hit_rate']:.1%}" if st["hit_rate"] is not None else "n/a"
+            pred = "no prefetch" if not eng.expert_prefetch else "prefetch: none predicted yet" \
+                if st["prediction_rate"] is None else \
+                f"prefetch: {st['prefetched']} loads, predictions {st['prediction_rate']:.1%} right"
             print(f"[expert cache: {c.budget / 2**20:.0f} MiB, {c.capacity} experts; hit rate {rate} "
-                  f"({st['hits']} hits, {st['misses']} misses), {st['bytes_read'] / 2**20:.0f} MiB read "
-                  f"({c.read_mode}), {st['load_s']:.1f} s loading]", file=sys.stderr, flush=True)
+                  f"({st['hits']} hits, {st['prefetch_hits']} prefetched, {st['misses']} misses; {pred}), "
+                  f"{st['bytes_read'] / 2**20:.0f} MiB read ({c.read_mode}), {st['load_s']:.1f} s loading, "
+                  f"{st['wait_s']:.1f} s waited]", file=sys.stderr, flush=True)
 
 
 class _TorchBackend:
@@ -316,7 +320,8 @@ def _serve(args) -> int:
     check_exposure(args.host, ServerOptions(model_id="-", api_key=api_key, no_auth=args.no_auth))  # before loading
     model = load(args.model, provider=args.provider, threads=args.threads, max_tiles=args.max_tiles,
                  verify=args.verify, transient_vision=args.transient_vision, official_pixels=args.official_pixels,
-                 low_memory=args.low_memory, expert_cache=args.expert_cache)
+                 low_memory=args.low_memory, expert_cache=args.expert_cache,
+                 expert_prefetch=not args.no_prefetch)
     model.processor.image_options["max_pixels"] = args.max_image_pixels
     options = ServerOptions(model_id=args.model_name or Path(args.model).resolve().name, api_key=api_key,
                             max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 2 ** 20),
@@ -380,6 +385,9 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
                    help="keep the routed experts in the artifact's files and at most SIZE (e.g. 3G, 512M, or auto: "
                         "the memory this process may use less the rest of the model) of them in memory, the "
                         "recently used ones (CPU; the tokens are the same)")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="with --expert-cache: do not load the experts the next layer's router predicts while a "
+                        "decode step runs (the A/B of the prefetch)")
     p.add_argument("--trace-routing", metavar="FILE", default=None,
                    help="record every MoE layer's expert choices into FILE (.npz) for "
                         "`python -m vl2edge.bench.expert_replay FILE` (hit rate against a cache size)")

@@ -7,14 +7,19 @@ without adding a byte of weights:
                         accuracy level and SwiGLU), inputs x [T, H], router_probs [T, 1] (ones), router_weights
                         [T, 1] (the routing weight); its four weights are external initializers the runtime hands
                         over per expert (SessionOptions.add_external_initializers), so ONNX Runtime prepacks them
+  expert_routers.safetensors   every MoE layer's post-attention RMSNorm weight "N.norm" [H] and router "N.gate_t"
+                        [H, E] (fp32, copies of the attention graphs' own): the runtime's prefetch predicts a
+                        layer's experts with them (routers/(all weights) ~0.2% on Small)
   manifest graphs.routed_experts = {"template": expert.onnx's entry, "expert_bytes": one expert's bytes,
+      "routers": "expert_routers.safetensors",
       "layers": {"N": {"shared": entry, "data": "layerNN_moe.onnx.data",
                        "tensors": {name: {"offset", "shape" [E, ...], "dtype"}}}}}
   Expert e of a tensor is the contiguous slice at offset + e * prod(shape[1:]) * itemsize: the QMoE layout is
   expert-major (quant/pack.pack_qmoe), so a miss is four reads.
 
 Only CPU artifacts with quantized experts and the "weights" routing form get it (the CUDA path keeps its QMoE).
-Additive: a runtime that ignores graphs.routed_experts runs the artifact as before.
+Additive: a runtime that ignores graphs.routed_experts runs the artifact as before; an index without "routers"
+(written before the prefetch) serves the cache without prediction.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from .onnx_builder import IR_VERSION, MS_DOMAIN, NP_TO_ONNX, OPSET
 # the QMoE inputs of the routed experts (export/mlp.py _routed_experts), by position
 TENSORS = {"fc1.qweight": 2, "fc1.scales": 3, "fc2.qweight": 5, "fc2.scales": 6}
 TEMPLATE = "expert.onnx"
+ROUTERS = "expert_routers.safetensors"
 USER = "user"  # the template's external-data location: never read, replaced by the runtime's buffers
 
 
@@ -73,6 +79,12 @@ def routed_tensors(builder, data_file: str) -> dict[str, dict]:
     if missing:
         raise ValueError(f"the MoE graph has no {missing}")
     return found
+
+
+def router_arrays(layer: int, norm: np.ndarray, gate: np.ndarray) -> dict[str, np.ndarray]:
+    """The ROUTERS file's entries for one MoE layer: its RMSNorm weight and its router [E, H] transposed."""
+    return {f"{layer}.norm": np.asarray(norm, np.float32), f"{layer}.gate_t": np.ascontiguousarray(
+        np.asarray(gate, np.float32).T)}
 
 
 def expert_bytes(tensors: dict[str, dict]) -> int:

@@ -308,7 +308,7 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
         t0 = time.perf_counter()
         get = lambda name: ckpt.tensor(name, torch.float32).numpy()  # noqa: E731
         report = QualityReport()
-        graphs, layers, routed_layers = {}, [], {}
+        graphs, layers, routed_layers, routers = {}, [], {}, {}
         parts = vision_parts(cfg, plan["vision"])
         steps = 3 + 2 * L.num_hidden_layers + (len(parts) if len(parts) > 1 else 0)
         bar = tqdm(total=steps, desc=f"export {experts}/{target}", unit="graph", disable=not progress)
@@ -355,6 +355,9 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
                               f"layer{i:02d}_shared", stored=g.written)
                 routed_layers[str(i)] = {"shared": shared, "data": f"{name}.onnx.data",
                                          "tensors": expert_cache.routed_tensors(g, f"{name}.onnx.data")}
+                pfx = f"language.model.layers.{i}."
+                routers.update(expert_cache.router_arrays(i, get(pfx + "post_attention_layernorm.weight"),
+                                                          get(pfx + "mlp.gate.weight")))
             del g
             layers.append({"attention": attn, "mlp": mlp, "moe": L.is_moe_layer(i)})
         if routed_layers:
@@ -364,8 +367,9 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
                 {k: t["dtype"] for k, t in first.items()})
             onnx.save_model(template, str(tmp / expert_cache.TEMPLATE))
             io = SimpleNamespace(inputs=template.graph.input, outputs=template.graph.output)
+            save_file(routers, str(tmp / expert_cache.ROUTERS))
             graphs["routed_experts"] = {
-                "template": graph_entry(io, expert_cache.TEMPLATE),
+                "template": graph_entry(io, expert_cache.TEMPLATE), "routers": expert_cache.ROUTERS,
                 "expert_bytes": expert_cache.expert_bytes(first), "layers": routed_layers}
         graphs["head"] = save(build_head_graph(cfg, get, plan["lm_head"], io_dtype, report), "head")
         bar.close()

@@ -28,7 +28,7 @@ from ..contract.routing_feed import expert_graph_inputs
 from ..model.config import VL2Config
 from .artifact import Artifact, ArtifactError, check_onnxruntime, open_artifact
 from .dispatch import ExpertCounts, RoutingConfig, route
-from .expert_cache import ExpertCache, ExpertCacheError
+from .expert_cache import MMAP_THRESHOLD, ExpertCache, ExpertCacheError
 from .image_layout import scatter_images
 from .residency import page_out_files
 
@@ -56,8 +56,8 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 LARGE_BLOCK_BYTES = 1 << 20  # see return_large_blocks
 
 
-def return_large_blocks() -> bool:
-    """Process-wide (Linux/glibc; elsewhere a no-op that returns False): malloc maps every block of LARGE_BLOCK_BYTES
+def return_large_blocks(threshold: int = LARGE_BLOCK_BYTES) -> bool:
+    """Process-wide (Linux/glibc; elsewhere a no-op that returns False): malloc maps every block of `threshold` bytes
     or more with mmap and unmaps it when freed, so its pages go back to the OS at once. Fixing the threshold also
     turns off glibc's dynamic one, which rises to the largest block freed so far (up to 32 MiB) and then serves such
     blocks from the heap, where freed pages stay resident and fragment.
@@ -68,7 +68,7 @@ def return_large_blocks() -> bool:
     three refills to 4,060 tokens in 128-token chunks with decode steps between, RSS after each refill 8712 / 8721
     / 8724 MiB against 8804 / 8834 / 9018 with the shared arena (peak 8805 vs 9018)."""
     libc = _glibc()
-    return libc is not None and hasattr(libc, "mallopt") and libc.mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES) == 1
+    return libc is not None and hasattr(libc, "mallopt") and libc.mallopt(M_MMAP_THRESHOLD, threshold) == 1
 
 
 class ContextFullError(ValueError):
@@ -141,7 +141,7 @@ class Engine:
     def __init__(self, artifact: str | Artifact, provider: str | None = None, threads: int | None = None,
                  verify: str = "sha256", spin: bool = False, transient_vision: bool = False,
                  vision_alone: bool = False, arena: bool = True, shrink_arena: bool = False,
-                 expert_cache: int | None = None):
+                 expert_cache: int | None = None, expert_prefetch: bool = True):
         """transient_vision: create the vision session for each encode_images call and release it after, instead
         of keeping it for the engine's life: its weights (int8 SigLIP, ~0.43 GB) and prepacked copies are then
         resident only while images are encoded, at the price of loading it again for every image. The language
@@ -164,7 +164,10 @@ class Engine:
         expert_cache (bytes, CPU): the routed experts stay in the artifact's files and a pool of that many bytes of
         prepacked expert sessions holds the recently used ones (runtime/expert_cache.py); the MoE graphs are never
         loaded, each MoE layer runs its shared graph and then the chosen experts, and a prompt is prefilled layer
-        by layer (every chunk through layer L before layer L+1), so each layer's experts are read once per prompt."""
+        by layer (every chunk through layer L before layer L+1), so each layer's experts are read once per prompt.
+        expert_prefetch (with expert_cache): in a decode step, while layer L's experts load and run, the next MoE
+        layer's experts are predicted (its router on layer L's residual stream) and loaded on the cache's loader
+        threads; where the artifact's index has no routers (exports before it had them) nothing is predicted."""
         if vision_alone and not transient_vision:
             raise ValueError("vision_alone needs transient_vision (a resident vision session is never alone)")
         self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(artifact, verify=verify)
@@ -181,11 +184,14 @@ class Engine:
             if self.provider != "cpu":
                 raise ExpertCacheError("--expert-cache runs on the CPU provider (the CUDA design: docs/design.md)")
             self.expert_cache = ExpertCache(self.artifact, expert_cache, threads, self.io_dtype, self.providers)
+        self.expert_prefetch = expert_prefetch and self.expert_cache is not None and self.expert_cache.predicts
         if shrink_arena and not arena:
             raise ValueError("shrink_arena needs the arena (arena=True)")
         self.arena = arena or self.provider != "cpu"
         shrink_arena = shrink_arena and self.provider == "cpu"  # the CPU arena; a CUDA engine keeps its own
-        if not self.arena or shrink_arena:
+        if self.expert_cache is not None:  # the pool's cost per expert holds at this threshold (expert_cache.py)
+            return_large_blocks(MMAP_THRESHOLD)
+        elif not self.arena or shrink_arena:
             return_large_blocks()
         self._shrink_after_chunk = None  # the RunOptions of a prefill chunk's last run
         if shrink_arena:
@@ -469,9 +475,13 @@ class Engine:
         idx, w = self._choose(i, layer, router_logits)
         t1 = time.perf_counter()
         self.timings.dispatch += t1 - t0
-        x = mlp_in.numpy()
-        out = layer.mlp.run(None, {"hidden": hidden.numpy(), "mlp_in": x})[0]
-        out += self.expert_cache.run(i, x.reshape(-1, x.shape[-1]), idx, w).reshape(out.shape)
+        x, h = mlp_in.numpy(), hidden.numpy()
+        then = None
+        if self.expert_prefetch and h.shape[1] == 1 and i + 1 < len(self.layers) and self.layers[i + 1].cached:
+            predicted, _ = route(self.expert_cache.router_logits(i + 1, h), self.routing, self.layers[i + 1].bias)
+            then = (i + 1, predicted)
+        out = layer.mlp.run(None, {"hidden": h, "mlp_in": x})[0]
+        out += self.expert_cache.run(i, x.reshape(-1, x.shape[-1]), idx, w, then=then).reshape(out.shape)
         self.timings.experts += time.perf_counter() - t1
         return out
 

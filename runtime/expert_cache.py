@@ -8,7 +8,13 @@ expert's four slices handed over as external initializers (ONNX Runtime prepacks
 A session stays in a least-recently-used pool while the pool's resident cost fits the budget; a miss reads the
 expert's bytes (four reads from layerNN_moe.onnx.data with O_DIRECT, around the page cache, so it holds no second
 copy for a memory cgroup to count; where a filesystem refuses O_DIRECT, pread then POSIX_FADV_DONTNEED on the
-ranges) and makes its session.
+ranges) and makes its session, on one of LOADERS threads: a layer's misses load side by side (one's read beside
+another's prepacking), starting AHEAD experts before they run, while the resident ones run.
+
+Prefetch (decode): while layer L runs, the engine applies layer L+1's router (its RMSNorm weight and gate, read from
+expert_routers.safetensors, written beside the index) to L's residual stream and hands the prediction to
+`prefetch`, whose loads start once L's own have; L+1 then finds them resident or in flight. The prediction only
+decides what is loaded early, never what runs.
 
 Why sessions per expert (one real-dims Small MoE layer, int4 block 128, 2 threads, 2026-12-03; docs/design.md):
   QMoE over the 64 experts, prepacked               decode 0.94-1.05 ms per token, session 715 ms to make
@@ -20,9 +26,9 @@ summation order); whether an expert is resident never changes which experts run 
 the weights live, so tokens are identical across budgets.
 
 Budget: what one cached expert costs resident is ONNX Runtime's prepacked copy (MLAS's layout, with a block sum
-per block), its block scales (kept) and the session: RESIDENT_FACTOR x the expert's stored bytes, measured on
-real-dims Tiny (docs/design.md). Each expert session has its own intra-op pool, which
-sleeps between runs (no spinning).
+per block), its block scales (kept) and the session: RESIDENT_FACTOR x the expert's stored bytes, with malloc
+returning large freed blocks (MMAP_THRESHOLD); loads in flight count as resident. Each expert session has its own
+intra-op pool, which sleeps between runs (no spinning).
 """
 
 from __future__ import annotations
@@ -30,16 +36,26 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
+from safetensors.numpy import load_file
 
-RESIDENT_FACTOR = 1.7  # resident bytes per cached expert / its stored bytes: 1.66 measured on real-dims Tiny
-READERS = 8  # concurrent expert reads
+# resident bytes per cached expert / its stored bytes, with malloc's mmap threshold at MMAP_THRESHOLD: 1.13 measured
+# at Small's expert shapes, 1.18 at Tiny's (a session's prepacked weights, its kept scales, the session)
+RESIDENT_FACTOR = 1.2
+# malloc maps blocks of this size or more and unmaps them when freed (engine.return_large_blocks): ONNX Runtime copies
+# an expert's four tensors at session load and frees the copy once it has prepacked them; at glibc's default
+# (dynamic) threshold those freed blocks stay in the heap, between live ones, and a cached expert cost 1.62-1.64x
+# its bytes instead of 1.13-1.18x (both shapes, 60 sessions)
+MMAP_THRESHOLD = 256 << 10
+LOADERS = 4  # expert loads in flight at once: a read (I/O) and a session (CPU; ONNX Runtime releases the GIL)
+AHEAD = 8  # a layer's loads start this many experts ahead of the one being run
 _ALIGN = 4096  # O_DIRECT: offsets, lengths and buffers on this boundary
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -92,21 +108,35 @@ def memory_limit_bytes() -> int | None:
 
 @dataclass
 class ExpertCacheStats:
-    hits: int = 0
-    misses: int = 0
+    hits: int = 0  # experts resident when their layer ran
+    prefetch_hits: int = 0  # experts a prediction had started loading (resident or still in flight)
+    misses: int = 0  # experts loaded on demand
     evictions: int = 0
+    prefetched: int = 0  # loads a prediction started
+    predicted: int = 0  # decode expert uses at layers with a prediction, and how many the prediction named
+    predicted_right: int = 0
     bytes_read: int = 0
-    load_s: float = 0.0
+    load_s: float = 0.0  # reads and sessions, summed over the loaders
+    wait_s: float = 0.0  # the engine waiting for loads: what the misses cost the step
 
     def as_dict(self) -> dict:
-        total = self.hits + self.misses
-        return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hits / total if total else None,
-                "evictions": self.evictions, "bytes_read": self.bytes_read, "load_s": round(self.load_s, 3)}
+        total = self.hits + self.prefetch_hits + self.misses
+        rate = lambda n, d: n / d if d else None  # noqa: E731
+        return {"hits": self.hits, "prefetch_hits": self.prefetch_hits, "misses": self.misses,
+                "hit_rate": rate(self.hits, total), "prefetch_hit_rate": rate(self.prefetch_hits, total),
+                "evictions": self.evictions, "prefetched": self.prefetched,
+                "prediction_rate": rate(self.predicted_right, self.predicted), "bytes_read": self.bytes_read,
+                "load_s": round(self.load_s, 3), "wait_s": round(self.wait_s, 3)}
 
 
 class ExpertCache:
     """The pool of expert sessions of one engine. `run(layer, x, idx, weights)` computes the routed experts' sum for
-    tokens x [T, H] (idx, weights [T, k] from the runtime's dispatch)."""
+    tokens x [T, H] (idx, weights [T, k] from the runtime's dispatch); `prefetch(layer, experts)` starts loading
+    what a prediction says a later layer will use; `router(layer)` is that layer's router, for the prediction.
+
+    Loads run on LOADERS threads (a read, then a session), so a layer's misses overlap each other and the experts
+    already resident run meanwhile. Only the engine's thread touches the pool: a load hands back its session and the
+    engine's thread files it."""
 
     def __init__(self, artifact, budget: int, threads: int | None, io_dtype, providers=("CPUExecutionProvider",)):
         routed = artifact.manifest["graphs"].get("routed_experts")
@@ -115,7 +145,7 @@ class ExpertCache:
                 f"{artifact.dir} has no expert-cache index (graphs.routed_experts): CPU artifacts with int4/int8 "
                 f"experts carry it when exported by a vl2edge that writes it (this one); export the checkpoint "
                 f"again, or run without --expert-cache")
-        self.artifact = artifact
+        self.artifact, self.routed = artifact, routed
         self.template = artifact.path(routed["template"]["file"]).read_bytes()
         self.layers = {int(k): v for k, v in routed["layers"].items()}
         self.expert_bytes = int(routed["expert_bytes"])
@@ -129,10 +159,17 @@ class ExpertCache:
         self.io_dtype = np.dtype(io_dtype)
         self.providers = list(providers)
         self.threads = threads
-        self.slots: OrderedDict[tuple[int, int], tuple[ort.InferenceSession, list[np.ndarray]]] = OrderedDict()
+        self.slots: OrderedDict[tuple[int, int], ort.InferenceSession] = OrderedDict()
+        self.loading: dict[tuple[int, int], Future] = {}  # started loads, filed into `slots` when taken or done
+        self._from_prefetch: set[tuple[int, int]] = set()  # prefetched, not yet used
+        self._predictions: dict[int, set[int]] = {}  # layer -> the experts its prediction named
+        self._routers: dict[str, np.ndarray] = {}
+        self.eps = float(artifact.manifest["source"]["config"].get("language_config", {}).get("rms_norm_eps", 1e-6))
         self.stats = ExpertCacheStats()
         self._fds: dict[str, tuple[int, bool]] = {}  # data file -> (descriptor, O_DIRECT)
-        self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="vl2edge-expert-read")
+        self._fd_lock = threading.Lock()
+        self._local = threading.local()  # a loader thread's read buffer
+        self._loaders = ThreadPoolExecutor(LOADERS, thread_name_prefix="vl2edge-expert-load")
         self.read_mode = "O_DIRECT" if hasattr(os, "O_DIRECT") else "pread + POSIX_FADV_DONTNEED"
 
     @property
@@ -140,67 +177,96 @@ class ExpertCache:
         """How many experts the budget holds."""
         return self.budget // self.resident_cost
 
+    @property
+    def predicts(self) -> bool:
+        """Whether the artifact's index has the routers the prefetch predicts with (exports since it was added)."""
+        return "routers" in self.routed
+
     def resident_bytes(self) -> int:
-        return len(self.slots) * self.resident_cost
+        """The pool's cost, loads in flight counted as resident (room is made before a load starts)."""
+        return (len(self.slots) + len(self.loading)) * self.resident_cost
 
     def close(self) -> None:
-        self._readers.shutdown()
+        self._loaders.shutdown(cancel_futures=True)
         self.slots.clear()
+        self.loading.clear()
         for fd, _ in self._fds.values():
             os.close(fd)
         self._fds.clear()
 
-    # --- one expert ---------------------------------------------------------------------------------------------
+    # --- one expert's bytes ---------------------------------------------------------------------------------------
     def _open(self, name: str) -> tuple[int, bool]:
         """The data file's descriptor, opened with O_DIRECT where the filesystem allows it (reads then bypass the
         page cache: no second copy for a memory cgroup to count, no reclaim to pay for it)."""
-        got = self._fds.get(name)
-        if got is None:
-            path = self.artifact.path(name)
-            direct = getattr(os, "O_DIRECT", 0)
-            try:
-                got = (os.open(path, os.O_RDONLY | direct), bool(direct))
-            except OSError:  # tmpfs and some others refuse O_DIRECT
-                got = (os.open(path, os.O_RDONLY), False)
-                self.read_mode = "pread + POSIX_FADV_DONTNEED (O_DIRECT refused)"
-            self._fds[name] = got
-        return got
+        with self._fd_lock:
+            got = self._fds.get(name)
+            if got is None:
+                path = self.artifact.path(name)
+                direct = getattr(os, "O_DIRECT", 0)
+                try:
+                    got = (os.open(path, os.O_RDONLY | direct), bool(direct))
+                except OSError:  # tmpfs and some others refuse O_DIRECT
+                    got = (os.open(path, os.O_RDONLY), False)
+                    self.read_mode = "pread + POSIX_FADV_DONTNEED (O_DIRECT refused)"
+                self._fds[name] = got
+            return got
 
-    def _pread(self, name: str, at: int, n: int) -> np.ndarray:
-        fd, direct = self._open(name)
-        if direct:
-            start, end = at - at % _ALIGN, -(-(at + n) // _ALIGN) * _ALIGN
-            buf = mmap.mmap(-1, end - start)  # page-aligned, as O_DIRECT wants
-            try:
-                got = os.preadv(fd, [buf], start)
-            except OSError:  # the filesystem took the flag at open and refuses the read: buffered from now on
-                os.close(fd)
+    def _buffered(self, name: str) -> int:
+        """The filesystem took O_DIRECT at open and refuses the read: buffered reads of `name` from now on."""
+        with self._fd_lock:
+            fd, direct = self._fds[name]
+            if direct:
                 self._fds[name] = (os.open(self.artifact.path(name), os.O_RDONLY), False)
                 self.read_mode = "pread + POSIX_FADV_DONTNEED (O_DIRECT refused)"
-                return self._pread(name, at, n)
-            if got < at - start + n:
-                raise ExpertCacheError(f"{name}: {n} bytes at {at} are cut short: the artifact is damaged")
-            return np.frombuffer(buf, np.uint8, count=n, offset=at - start)
-        buf = np.empty(n, np.uint8)
-        if os.preadv(fd, [buf], at) != n:
-            raise ExpertCacheError(f"{name}: {n} bytes at {at} are cut short: the artifact is damaged")
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, at, n, os.POSIX_FADV_DONTNEED)
+            return self._fds[name][0]
+
+    def _buffer(self) -> mmap.mmap:
+        """This loader thread's read buffer, page-aligned (O_DIRECT) and touched once: reused by every load of the
+        thread, since ONNX Runtime copies initializers handed over by add_external_initializers at session load
+        (measured: with prepacking off a session holds 1.03x the expert's bytes while ours are shared), so no read
+        buffer outlives its session's creation. A fresh buffer per load cost a page fault per 4 KiB read."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            size = sum(-(-int(np.prod(t["shape"][1:])) * np.dtype(t["dtype"]).itemsize // _ALIGN) * _ALIGN + _ALIGN
+                       for t in next(iter(self.layers.values()))["tensors"].values())
+            buf = self._local.buf = mmap.mmap(-1, size)
+            buf.write(bytes(size))
         return buf
 
+    def _pread(self, name: str, at: int, n: int, buf: mmap.mmap, into: int) -> np.ndarray:
+        """n bytes at `at` of data file `name`, read into buf from `into` (aligned): (array view, bytes used)."""
+        fd, direct = self._open(name)
+        start = at - at % _ALIGN if direct else at
+        end = -(-(at + n) // _ALIGN) * _ALIGN if direct else at + n
+        try:
+            got = os.preadv(fd, [memoryview(buf)[into:into + end - start]], start)
+        except OSError:
+            if not direct:
+                raise
+            self._buffered(name)
+            return self._pread(name, at, n, buf, into)
+        if got < at - start + n:
+            raise ExpertCacheError(f"{name}: {n} bytes at {at} are cut short: the artifact is damaged")
+        if not direct and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, at, n, os.POSIX_FADV_DONTNEED)
+        return np.frombuffer(buf, np.uint8, count=n, offset=into + at - start), end - start
+
     def _read(self, layer: int, expert: int) -> list[np.ndarray]:
-        entry = self.layers[layer]
+        """The expert's four tensors as views into this thread's buffer (valid until its next read)."""
+        entry, buf, into = self.layers[layer], self._buffer(), 0
         arrays = []
         for t in entry["tensors"].values():
             shape, dtype = [1, *t["shape"][1:]], np.dtype(t["dtype"])
             n = int(np.prod(shape)) * dtype.itemsize
-            arrays.append(self._pread(entry["data"], t["offset"] + expert * n, n).view(dtype).reshape(shape))
+            a, used = self._pread(entry["data"], t["offset"] + expert * n, n, buf, into)
+            arrays.append(a.view(dtype).reshape(shape))
+            into += -(-used // _ALIGN) * _ALIGN
         return arrays
 
-    def _load(self, layer: int, expert: int, arrays: list[np.ndarray] | None = None):
+    def _load(self, layer: int, expert: int):
+        """Read one expert and make its session (on a loader thread): the session and the seconds it took."""
         t0 = time.perf_counter()
-        arrays = arrays if arrays is not None else self._read(layer, expert)
-        self.stats.bytes_read += self.expert_bytes
+        arrays = self._read(layer, expert)
         opts = ort.SessionOptions()
         if self.threads:  # 2 threads against 1 on real-dims Tiny: prefill 153 vs 119 tok/s, decode the same
             opts.intra_op_num_threads = self.threads
@@ -216,53 +282,127 @@ class ExpertCache:
         names = list(self.layers[layer]["tensors"])
         opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
         session = ort.InferenceSession(self.template, opts, providers=self.providers)
-        self.stats.load_s += time.perf_counter() - t0
-        # QMoE copies the 4-bit/8-bit weights into MLAS's packed layout at load and never reads ours again (freed
-        # and overwritten, 16 real-dims Tiny experts computed the same); the block scales, a tenth of the bytes,
-        # are kept in case a kernel reads them in place
-        return session, [a for name, a in zip(names, arrays) if "scales" in name]
+        return session, time.perf_counter() - t0
 
-    def session(self, layer: int, expert: int, arrays: list[np.ndarray] | None = None) -> ort.InferenceSession:
+    # --- the pool ---------------------------------------------------------------------------------------------
+    def _file(self, key: tuple[int, int], future: Future) -> None:
+        """A finished load into the pool (most recently used)."""
+        session, seconds = future.result()
+        self.stats.load_s += seconds
+        self.stats.bytes_read += self.expert_bytes
+        self.slots[key] = session
+
+    def _settle(self) -> None:
+        """File the loads that have finished (a prediction's loads nobody has asked for yet)."""
+        for key in [k for k, f in self.loading.items() if f.done()]:
+            self._file(key, self.loading.pop(key))
+
+    def _make_room(self, wait: bool) -> bool:
+        """Evict the least recently used until one more expert fits; with `wait`, when every slot is a load in
+        flight, wait for the oldest and file it (a demand load must start). False: no room (a prediction waits)."""
+        while self.resident_bytes() + self.resident_cost > self.budget:
+            if self.slots:
+                old, _ = self.slots.popitem(last=False)
+                self._from_prefetch.discard(old)
+                self.stats.evictions += 1
+            elif wait and self.loading:
+                key = next(iter(self.loading))
+                self._file(key, self.loading.pop(key))
+            else:
+                return False
+        return True
+
+    def _start(self, layer: int, expert: int, prefetch: bool = False) -> None:
+        """Start loading an expert that is neither resident nor loading."""
         key = (layer, expert)
-        slot = self.slots.get(key)
-        if slot is not None:
+        if key in self.slots or key in self.loading or not self._make_room(wait=not prefetch):
+            return
+        self.loading[key] = self._loaders.submit(self._load, layer, expert)
+        if prefetch:
+            self._from_prefetch.add(key)
+            self.stats.prefetched += 1
+
+    def session(self, layer: int, expert: int) -> ort.InferenceSession:
+        """The expert's session: resident, in flight (waited for) or loaded now."""
+        key = (layer, expert)
+        prefetched = key in self._from_prefetch
+        self._from_prefetch.discard(key)
+        resident = key in self.slots
+        if resident:
             self.slots.move_to_end(key)
+        else:
+            self._start(layer, expert)
+            t0 = time.perf_counter()
+            self._file(key, self.loading.pop(key))
+            self.stats.wait_s += time.perf_counter() - t0
+        if prefetched:
+            self.stats.prefetch_hits += 1
+        elif resident:
             self.stats.hits += 1
-            return slot[0]
-        self.stats.misses += 1
-        while self.slots and self.resident_bytes() + self.resident_cost > self.budget:
-            self.slots.popitem(last=False)
-            self.stats.evictions += 1
-        slot = self._load(layer, expert, arrays)
-        self.slots[key] = slot
-        return slot[0]
+        else:
+            self.stats.misses += 1
+        return self.slots[key]
+
+    # --- prediction -------------------------------------------------------------------------------------------
+    def router(self, layer: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Layer `layer`'s post-attention RMSNorm weight [H] and router [H, E] (fp32) from the index's routers file
+        (read once, all layers); None where the index has none (exports before the prefetch)."""
+        if not self.predicts:
+            return None
+        if not self._routers:
+            self._routers = load_file(str(self.artifact.path(self.routed["routers"])))
+        return self._routers[f"{layer}.norm"], self._routers[f"{layer}.gate_t"]
+
+    def router_logits(self, layer: int, hidden: np.ndarray) -> np.ndarray | None:
+        """Layer `layer`'s router applied to a hidden state [T, H] of an earlier layer (its residual stream): the
+        prediction the prefetch loads by (Fate, HybriMoE and ktransformers use the same signal)."""
+        r = self.router(layer)
+        if r is None:
+            return None
+        norm, gate_t = r
+        h = np.asarray(hidden, np.float32).reshape(-1, gate_t.shape[0])
+        h = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + self.eps) * norm
+        return h @ gate_t
+
+    def prefetch(self, layer: int, experts) -> None:
+        """Start loading the experts a prediction names for `layer` (those not resident or loading), as far as the
+        budget has room without waiting; remembered to count how often the prediction was right."""
+        named = sorted({int(e) for e in np.asarray(experts).reshape(-1)})
+        self._predictions[layer] = set(named)
+        for e in named:
+            self._start(layer, e, prefetch=True)
 
     # --- a layer's routed experts -------------------------------------------------------------------------------
-    def run(self, layer: int, x: np.ndarray, idx: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    def run(self, layer: int, x: np.ndarray, idx: np.ndarray, weights: np.ndarray,
+            then: tuple[int, np.ndarray] | None = None) -> np.ndarray:
         """sum_k weights[t, k] * expert_{idx[t, k]}(x[t]) for every token t: x [T, H] -> [T, H] (io dtype).
 
-        Experts run in ascending id, each over the tokens that chose it: a prefill chunk reads each of its
-        experts once, and the experts the token needs are resident while it runs."""
+        Experts run in ascending id (the sum's order never depends on what was resident), each over the tokens that
+        chose it: a prefill chunk reads each of its experts once. The loads of the next AHEAD experts run
+        meanwhile. `then` = (later layer, experts): a prediction, loaded once this layer's own loads have started."""
+        self._settle()
         x = np.ascontiguousarray(x, dtype=self.io_dtype)
         y = np.zeros_like(x)
-        experts = np.unique(idx)
-        missing = [int(e) for e in experts if (layer, int(e)) not in self.slots]
-        batches = {batch[0]: batch for batch in (missing[i:i + READERS] for i in range(0, len(missing), READERS))}
-        read: dict[int, list[np.ndarray]] = {}
-        for expert in experts:
-            batch = batches.get(int(expert))
-            if batch and len(batch) > 1:  # READERS misses read at once: the disk's queue depth sets the rate
-                t0 = time.perf_counter()
-                read.update(zip(batch, self._readers.map(lambda e: self._read(layer, e), batch)))
-                self.stats.load_s += time.perf_counter() - t0
+        experts = [int(e) for e in np.unique(idx)]
+        predicted = self._predictions.pop(layer, None)
+        if predicted is not None:
+            self.stats.predicted += len(experts)
+            self.stats.predicted_right += len(predicted.intersection(experts))
+        for e in experts[:AHEAD]:
+            self._start(layer, e)
+        if then is not None:
+            self.prefetch(*then)
+        for j, expert in enumerate(experts):
+            if j + AHEAD < len(experts):
+                self._start(layer, experts[j + AHEAD])
             rows, cols = np.nonzero(idx == expert)
             w = weights[rows, cols].astype(self.io_dtype).reshape(-1, 1)
-            session = self.session(layer, int(expert), read.pop(int(expert), None))
-            out = session.run(None, {"x": x[rows], "router_probs": np.ones_like(w), "router_weights": w})[0]
+            out = self.session(layer, expert).run(None, {"x": x[rows], "router_probs": np.ones_like(w),
+                                                         "router_weights": w})[0]
             y[rows] += out  # a token chooses an expert at most once: rows are distinct
+        # a wrong prediction's experts stay cached; used later they are ordinary hits
+        self._from_prefetch = {key for key in self._from_prefetch if key[0] != layer}
         return y
-
-
 def _top_k(artifact) -> int:
     lang = artifact.manifest["source"]["config"].get("language_config", {})
     return int(lang.get("num_experts_per_tok") or 1)

@@ -6,6 +6,7 @@ experts once; routing traces round-trip and replay as the cache behaves."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -152,11 +153,69 @@ def test_sizes_and_refusals(artifacts, tmp_path):
     assert out.returncode == 2 and "12Q" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("preset", ["test-small", "test-vl2"])
+def test_prefetch_predicts_with_the_graphs_own_router_and_never_changes_tokens(artifacts, scene, preset):
+    """The routers file is the attention graphs' router: applied to a layer's own residual stream it gives the
+    router logits the graph computes. Predicting the next layer's experts loads some early and changes no token."""
+    art = artifacts[preset]
+    m = vl2edge.load(art, expert_cache="1G")
+    eng, cache = m.engine, m.engine.expert_cache
+    assert cache.predicts and eng.expert_prefetch
+    x = np.random.default_rng(0).standard_normal((1, 3, eng.config.language.hidden_size)).astype(np.float32)
+    for i, layer in enumerate(eng.layers):
+        if layer.cached:
+            outs = eng._attention(i, layer, x, 0, 3, "cpu")
+            np.testing.assert_allclose(cache.router_logits(i, outs[0].numpy()), outs[2].numpy(), rtol=1e-4, atol=1e-5)
+    budget = smallest_budget(art) + int(smallest_budget(art) / 2)  # room for a prediction beside a step's experts
+    runs = {}
+    for prefetch in (True, False):
+        m = vl2edge.load(art, expert_cache=budget, expert_prefetch=prefetch)
+        runs[prefetch] = (m.generate(PROMPT, images=[scene], max_new_tokens=NEW).token_ids,
+                          m.engine.expert_cache.stats)
+    (with_tokens, with_stats), (without_tokens, without_stats) = runs[True], runs[False]
+    assert with_tokens == without_tokens
+    assert with_stats.prefetched > 0 and with_stats.predicted > 0 and with_stats.prefetch_hits > 0
+    assert 0 < with_stats.predicted_right <= with_stats.predicted
+    assert without_stats.prefetched == without_stats.prefetch_hits == without_stats.predicted == 0
+
+
+def test_a_session_does_not_read_the_buffer_its_expert_was_read_into(artifacts):
+    """A loader thread reads every expert into one reused buffer: ONNX Runtime must have copied (and prepacked)
+    what it needs by the time the session exists."""
+    eng = vl2edge.load(artifacts["test-small"], expert_cache="1G").engine
+    cache = eng.expert_cache
+    session, _ = cache._load(1, 3)
+    x = np.random.default_rng(1).standard_normal((4, eng.config.language.hidden_size)).astype(np.float32)
+    feeds = {"x": x, "router_probs": np.ones((4, 1), np.float32), "router_weights": np.ones((4, 1), np.float32)}
+    before = session.run(None, feeds)[0]
+    buf = cache._buffer()
+    buf[:] = np.random.default_rng(2).integers(0, 256, len(buf), dtype=np.uint8).tobytes()
+    np.testing.assert_array_equal(session.run(None, feeds)[0], before)
+    assert np.abs(before).max() > 0
+
+
+def test_an_index_without_routers_runs_without_prediction(artifacts, scene, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(artifacts["test-small"], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    routers = manifest["graphs"]["routed_experts"].pop("routers")
+    del manifest["files"][routers]
+    (old / routers).unlink()
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    m = vl2edge.load(old, expert_cache="1G")
+    assert not m.engine.expert_prefetch and m.engine.expert_cache.router(1) is None
+    tokens = m.generate(PROMPT, images=[scene], max_new_tokens=NEW).token_ids
+    assert tokens == vl2edge.load(artifacts["test-small"], expert_cache="1G").generate(
+        PROMPT, images=[scene], max_new_tokens=NEW).token_ids
+    assert m.engine.expert_cache.stats.prefetched == 0
+
+
 def test_the_index_adds_no_weight_bytes(artifacts):
     art = artifacts["test-small"]
     m = json.loads((art / "manifest.json").read_text())
     routed = m["graphs"]["routed_experts"]
     assert sorted(routed["layers"]) == ["1", "2"]
+    assert routed["routers"] in m["files"]  # the one addition: every MoE layer's router again, for the prefetch
     for i, entry in routed["layers"].items():
         assert not (art / f"layer{int(i):02d}_shared.onnx.data").exists()  # its weights are the MoE graph's
         assert entry["shared"]["file"] in m["files"]
