@@ -536,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--low-memory", action="store_true",
                    help="the runtime in its low-memory mode (vl2edge.load(low_memory=True); 256-token chunks "
                         "on Tiny, 128 on Small)")
+    b.add_argument("--expert-cache", metavar="SIZE", default=None,
+                   help="the runtime with `--expert-cache SIZE` (or auto): routed experts read from the artifact "
+                        "into a pool of that size; hit, prefetch and wait figures in bench.json")
     b.add_argument("--bandwidth-mb", type=int, default=1024, help="array size of the bandwidth probe (0: skip)")
     b.add_argument("--cache-dir", default=None, help="where presets and exports are cached (default "
                                                      "$VL2EDGE_CACHE/bench or ~/.cache/vl2edge/bench)")

@@ -26,7 +26,7 @@ def _child(kind: str, args: dict) -> dict:
 
         return bench_runtime(args["artifact"], args.get("threads"), args.get("provider"), w,
                              progress=args.get("progress", True), transient_vision=args.get("transient_vision", False),
-                             low_memory=args.get("low_memory", False))
+                             low_memory=args.get("low_memory", False), expert_cache=args.get("expert_cache"))
     if kind == "reference":
         from .reference_bench import bench_reference
 

@@ -34,6 +34,9 @@ added within a schema version; renaming or removing one bumps it.
       memory           {"peak_rss_bytes", "rss_after_load_bytes", "kv_cache_bytes", "phases": {phase: {"rss",
                         "anon", "file", "peak"}}}
       load_average     1/5/15-minute load averages at "start", "after_vision", "after_prefill", "after_ttft", "end"
+      expert_cache     null, or with --expert-cache: {"budget", "capacity" (experts), "prefetch", "read_mode", and
+                        runtime/expert_cache.py ExpertCacheStats.as_dict(): hits, prefetch_hits, misses, hit_rate,
+                        prefetch_hit_rate, evictions, prefetched, prediction_rate, bytes_read, load_s, wait_s}
   reference            {dtype: record | {"error"}}, dtype in float32 | bfloat16: as a runtime record without
                        artifact*/quantization/provider/max_len/ort_intra_op_spinning and without stages; plus
                        "dtype", "checkpoint", "device", "omp_wait_policy", "weight_bytes"; decode rows carry

@@ -40,7 +40,7 @@ def run_bench(model: str = "tiny", precisions=("int4", "int8"), *, threads: int 
               force_export: bool = False,
               bandwidth_mb: int = 1024, reference_omp_wait_policy: str | None = "PASSIVE", progress: bool = True,
               in_process: bool = False, command: str | None = None, transient_vision: bool = False,
-              low_memory: bool = False) -> dict:
+              low_memory: bool = False, expert_cache: str | None = None) -> dict:
     """Run the suite; returns the document (bench/report.py) and writes it to `out` if given.
 
     model: a preset name (synthesized and exported on first use, cached under cache_dir / $VL2EDGE_CACHE) or a
@@ -51,7 +51,8 @@ def run_bench(model: str = "tiny", precisions=("int4", "int8"), *, threads: int 
     subprocesses (debugging; memory figures then meaningless). transient_vision: the runtime loads the vision
     graph per image and releases it after (Engine option; less resident memory, the load in every vision time).
     low_memory: the runtime is loaded with `low_memory=True` (transient vision, the language model loaded after
-    the first images, 256-token prefill chunks).
+    the first images, 256-token prefill chunks). expert_cache: the runtime's `load(expert_cache=...)` (a size or
+    "auto"); its hit, prefetch and wait figures land in each runtime record.
 
     reference_omp_wait_policy: OMP_WAIT_POLICY of the reference's process (None: libgomp's default, threads spin
     in barriers). PASSIVE by default, the counterpart of the runtime's default of no ORT thread spinning: on a
@@ -103,7 +104,8 @@ def run_bench(model: str = "tiny", precisions=("int4", "int8"), *, threads: int 
         _log(progress, f"runtime {p}: {arts[p]} ({mode} workload), load average {load_average()}")
         rec = run_isolated("runtime", {"artifact": str(arts[p]), "threads": threads, "provider": provider,
                                        "workload": w.as_dict(), "progress": progress,
-                                       "transient_vision": transient_vision, "low_memory": low_memory},
+                                       "transient_vision": transient_vision, "low_memory": low_memory,
+                                       "expert_cache": expert_cache},
                           in_process=in_process)
         runtime[p] = rec
         if "error" in rec:
@@ -198,6 +200,6 @@ def main(args) -> int:
                     layers=args.layers, block_size=args.block_size, workload=w, artifacts=artifacts,
                     cache_dir=args.cache_dir, force_export=args.force_export, bandwidth_mb=args.bandwidth_mb,
                     progress=not args.quiet, transient_vision=args.transient_vision, low_memory=args.low_memory,
-                    command="vl2edge " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+                    expert_cache=args.expert_cache, command="vl2edge " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     sys.stdout.write(render_table(doc))
     return 1 if doc["errors"] else 0

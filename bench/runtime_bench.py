@@ -168,11 +168,12 @@ def bench_decode(model, w: Workload, progress: bool, label: str) -> list[dict]:
 
 
 def bench_runtime(artifact: str | Path, threads: int | None, provider: str | None, workload: Workload,
-                  progress: bool = True, transient_vision: bool = False, low_memory: bool = False) -> dict:
+                  progress: bool = True, transient_vision: bool = False, low_memory: bool = False,
+                  expert_cache: str | None = None) -> dict:
     """The whole workload on one artifact. Returns the "runtime" record of the report schema (bench/report.py).
     transient_vision: the engine loads the vision graph per image and releases it after (runtime/engine.py);
     low_memory: `load(low_memory=True)`, and the workload's prefill chunks are the model's (256 on Tiny, 128 on
-    Small)."""
+    Small); expert_cache: `load(expert_cache=...)`, the cache's figures in the record's "expert_cache"."""
     from ..runtime.api import load
 
     t_start = time.perf_counter()
@@ -180,7 +181,7 @@ def bench_runtime(artifact: str | Path, threads: int | None, provider: str | Non
     phases = {"start": memory.rss()}
     t0 = time.perf_counter()
     model = load(artifact, provider=provider, threads=threads, verify="size", transient_vision=transient_vision,
-                 low_memory=low_memory)
+                 low_memory=low_memory, expert_cache=expert_cache)
     if low_memory:
         workload = workload.with_(chunk_size=model.chunk_size)
     load_s = time.perf_counter() - t0
@@ -213,6 +214,10 @@ def bench_runtime(artifact: str | Path, threads: int | None, provider: str | Non
     phases["after_ttft"], loads["after_ttft"] = memory.rss(), load_average()
     out["decode"] = bench_decode(model, workload, progress, label)
     phases["after_decode"] = memory.rss()
+    cache = model.engine.expert_cache
+    out["expert_cache"] = None if cache is None else {
+        "budget": cache.budget, "capacity": cache.capacity, "prefetch": model.engine.expert_prefetch,
+        "read_mode": cache.read_mode, **cache.stats.as_dict()}
     out["memory"] = {"peak_rss_bytes": phases["after_decode"]["peak"],
                      "rss_after_load_bytes": phases["loaded"]["rss"],
                      "kv_cache_bytes": model.engine.cache_nbytes(),

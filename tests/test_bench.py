@@ -40,6 +40,7 @@ TOP_KEYS = {"schema_version", "generator", "created_utc", "command", "mode", "mo
             "runtime", "reference", "ratios", "roofline", "targets", "plots", "errors", "skipped"}
 RUNTIME_KEYS = {"precision", "artifact", "artifact_bytes", "artifact_created_utc", "quantization", "provider",
                 "threads", "max_len", "ort_intra_op_spinning", "transient_vision", "low_memory", "cpu_arena", "load_s",
+                "expert_cache",
                 "vision",
                 "prefill",
                 "ttft", "decode", "memory", "load_average", "wall_s"}

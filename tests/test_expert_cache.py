@@ -136,6 +136,17 @@ def test_replay_is_lru_and_prefetch_hides_misses():
     assert rate(skewed) > rate(uniform) + 0.1
 
 
+def test_the_bench_reports_the_cache(artifacts):
+    from vl2edge.bench.runtime_bench import bench_runtime
+    from vl2edge.bench.workload import Workload
+
+    rec = bench_runtime(artifacts["test-small"], 2, "cpu", Workload.tiny(), progress=False, expert_cache="1G")
+    ec = rec["expert_cache"]
+    assert ec["budget"] == 2**30 and ec["prefetch"] is True and ec["misses"] > 0 and ec["hits"] > 0
+    one = json.loads((artifacts["test-small"] / "manifest.json").read_text())["graphs"]["routed_experts"]["expert_bytes"]
+    assert ec["misses"] * one <= ec["bytes_read"] <= (ec["misses"] + ec["prefetched"]) * one
+
+
 def test_sizes_and_refusals(artifacts, tmp_path):
     assert parse_size("3G") == 3 * 2**30 and parse_size("512M") == 512 * 2**20 and parse_size(1000) == 1000
     assert parse_size("1.5GiB") == int(1.5 * 2**30)
