@@ -480,10 +480,16 @@ class Engine:
         if self.expert_prefetch and h.shape[1] == 1 and i + 1 < len(self.layers) and self.layers[i + 1].cached:
             predicted, _ = route(self.expert_cache.router_logits(i + 1, h), self.routing, self.layers[i + 1].bias)
             then = (i + 1, predicted)
-        out = layer.mlp.run(None, {"hidden": h, "mlp_in": x})[0]
-        out += self.expert_cache.run(i, x.reshape(-1, x.shape[-1]), idx, w, then=then).reshape(out.shape)
+        shared = self._shared_experts(layer, x)
+        routed = self.expert_cache.run(i, x.reshape(-1, x.shape[-1]), idx, w, then=then).reshape(x.shape)
         self.timings.experts += time.perf_counter() - t1
-        return out
+        return h + (routed + shared)  # the MoE graph's association (export/mlp.py): the same sums, bit for bit
+
+    @staticmethod
+    def _shared_experts(layer: _Layer, x: np.ndarray) -> np.ndarray:
+        """shared_experts(x) for x [1, T, H], from the layer's shared graph (hidden_out = hidden + shared, with
+        hidden 0: exactly the shared experts' output)."""
+        return layer.mlp.run(None, {"hidden": np.zeros_like(x), "mlp_in": x})[0]
 
     def prefill(self, embeds: np.ndarray, chunk_size: int = 512,
                 stop: Callable[[], bool] | None = None) -> np.ndarray | None:
@@ -527,8 +533,8 @@ class Engine:
             if layer.cached:
                 idx, w = self._choose(i, layer, np.concatenate(logits))
                 for a, b in spans:
-                    out[a:b] = layer.mlp.run(None, {"hidden": hidden[None, a:b], "mlp_in": mlp_in[None, a:b]})[0][0]
-                out += self.expert_cache.run(i, mlp_in, idx, w)
+                    out[a:b] = self._shared_experts(layer, mlp_in[None, a:b])[0]
+                out = hidden + (self.expert_cache.run(i, mlp_in, idx, w) + out)
             else:
                 for k, (a, b) in enumerate(spans):
                     feeds = {"hidden": hidden[None, a:b], "mlp_in": mlp_in[None, a:b]}

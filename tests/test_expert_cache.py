@@ -62,6 +62,23 @@ def test_tokens_do_not_depend_on_the_budget_and_match_qmoe(artifacts, scene, pre
     assert big.token_ids == r_qmoe.token_ids
 
 
+def test_one_thread_gives_the_qmoe_paths_logits_bit_for_bit(artifacts, scene):
+    """With one intra-op thread QMoE adds a token's experts in ascending id into one buffer, as the cache does, and
+    the layer's output is hidden + (routed + shared) on both paths: prompt and decode logits are identical, not
+    merely close. (With more threads QMoE sums per-thread partial sums: another association, the last bits differ.)"""
+    art = artifacts["test-small"]
+    runs = []
+    for cache in (None, "1G"):
+        m = vl2edge.load(art, threads=1, expert_cache=cache)
+        eng, inputs = m.engine, m.prepare(PROMPT, images=[scene])
+        logits = [eng.prefill(eng.embed(inputs.input_ids, inputs.pixel_values, inputs.images_seq_mask,
+                                        inputs.images_spatial_crop), chunk_size=128)]
+        for _ in range(4):
+            logits.append(eng.decode(int(logits[-1].argmax())))
+        runs.append(np.stack(logits))
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
 def test_the_moe_graphs_are_never_loaded_and_the_pool_keeps_its_budget(artifacts, scene):
     art = artifacts["test-small"]
     budget = smallest_budget(art) + 1
