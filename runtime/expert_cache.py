@@ -26,7 +26,7 @@ summation order); whether an expert is resident never changes which experts run 
 the weights live, so tokens are identical across budgets.
 
 Budget: what one cached expert costs resident is ONNX Runtime's prepacked copy (MLAS's layout, with a block sum
-per block), its block scales (kept) and the session: RESIDENT_FACTOR x the expert's stored bytes, with malloc
+per block), the block scales and the session: RESIDENT_FACTOR x the expert's stored bytes, with malloc
 returning large freed blocks (MMAP_THRESHOLD); loads in flight count as resident. Each expert session has its own
 intra-op pool, which sleeps between runs (no spinning).
 """
@@ -221,10 +221,11 @@ class ExpertCache:
             return self._fds[name][0]
 
     def _buffer(self) -> mmap.mmap:
-        """This loader thread's read buffer, page-aligned (O_DIRECT) and touched once: reused by every load of the
-        thread, since ONNX Runtime copies initializers handed over by add_external_initializers at session load
-        (measured: with prepacking off a session holds 1.03x the expert's bytes while ours are shared), so no read
-        buffer outlives its session's creation. A fresh buffer per load cost a page fault per 4 KiB read."""
+        """This loader thread's read buffer, page-aligned (O_DIRECT) and touched once, reused by every load of the
+        thread: ONNX Runtime copies the initializers add_external_initializers hands it when it makes the session
+        (every release from 1.20.1 to 1.32.0: a buffer overwritten afterwards changes no output;
+        tests/test_expert_cache.py checks it for the expert sessions), so no read buffer outlives its session's
+        creation. A fresh buffer per load cost a page fault per 4 KiB read."""
         buf = getattr(self._local, "buf", None)
         if buf is None:
             size = sum(-(-int(np.prod(t["shape"][1:])) * np.dtype(t["dtype"]).itemsize // _ALIGN) * _ALIGN + _ALIGN
@@ -233,7 +234,7 @@ class ExpertCache:
             buf.write(bytes(size))
         return buf
 
-    def _pread(self, name: str, at: int, n: int, buf: mmap.mmap, into: int) -> np.ndarray:
+    def _pread(self, name: str, at: int, n: int, buf: mmap.mmap, into: int) -> tuple[np.ndarray, int]:
         """n bytes at `at` of data file `name`, read into buf from `into` (aligned): (array view, bytes used)."""
         fd, direct = self._open(name)
         start = at - at % _ALIGN if direct else at
