@@ -80,30 +80,34 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-def memory_limit_bytes() -> int | None:
-    """The memory this process may use: its cgroup's limit (v2 or v1) when there is one, else MemAvailable."""
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+def memory_limit_bytes(proc: str = "/proc", cgroup_fs: str = "/sys/fs/cgroup") -> int | None:
+    """The memory this process may use: the smallest of its memory cgroup's limit (v2 `memory.max` or v1
+    `memory.limit_in_bytes` of the group /proc/self/cgroup names, and of the hierarchy's root) and MemAvailable."""
+    files = [f"{cgroup_fs}/memory.max", f"{cgroup_fs}/memory/memory.limit_in_bytes"]
+    try:
+        for line in open(f"{proc}/self/cgroup"):
+            number, controllers, path = (line.rstrip("\n").split(":", 2) + ["", ""])[:3]
+            if number == "0" and not controllers:  # v2: one unified hierarchy
+                files.append(f"{cgroup_fs}{path.rstrip('/')}/memory.max")
+            elif "memory" in controllers.split(","):  # v1: the memory controller's own hierarchy
+                files.append(f"{cgroup_fs}/memory{path.rstrip('/')}/memory.limit_in_bytes")
+    except OSError:
+        pass
+    limits = []
+    for path in files:
         try:
             text = open(path).read().strip()
         except OSError:
             continue
-        if text.isdigit() and int(text) < 2**60:
-            try:  # cgroup v1: the group this process is in, when it is not the root
-                for line in open("/proc/self/cgroup"):
-                    parts = line.strip().split(":")
-                    if len(parts) == 3 and "memory" in parts[1].split(",") and parts[2] != "/":
-                        own = f"/sys/fs/cgroup/memory{parts[2]}/memory.limit_in_bytes"
-                        text = open(own).read().strip()
-            except OSError:
-                pass
-            return int(text)
+        if text.isdigit() and int(text) < 2**60:  # "max" (v2) and v1's near-2^63 mean no limit
+            limits.append(int(text))
     try:
-        for line in open("/proc/meminfo"):
+        for line in open(f"{proc}/meminfo"):
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                limits.append(int(line.split()[1]) * 1024)
     except OSError:
         pass
-    return None
+    return min(limits) if limits else None
 
 
 @dataclass

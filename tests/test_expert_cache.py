@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 import vl2edge
 from vl2edge.bench import expert_replay
 from vl2edge.export.exporter import export
-from vl2edge.runtime.expert_cache import RESIDENT_FACTOR, ExpertCacheError, parse_size
+from vl2edge.runtime.expert_cache import RESIDENT_FACTOR, ExpertCacheError, memory_limit_bytes, parse_size
 from vl2edge.runtime.routing_trace import load_trace, save_trace
 
 PROMPT = "<image>\nDescribe the scene and the red ball."
@@ -162,6 +162,29 @@ def test_the_bench_reports_the_cache(artifacts):
     assert ec["budget"] == 2**30 and ec["prefetch"] is True and ec["misses"] > 0 and ec["hits"] > 0
     one = json.loads((artifacts["test-small"] / "manifest.json").read_text())["graphs"]["routed_experts"]["expert_bytes"]
     assert ec["misses"] * one <= ec["bytes_read"] <= (ec["misses"] + ec["prefetched"]) * one
+
+
+@pytest.mark.parametrize("layout", ["v1", "v2", "none"])
+def test_the_memory_limit_is_the_own_cgroups(tmp_path, layout):
+    """auto sizes the cache from the group this process is in (a v1 root says 'no limit' while the group has one)."""
+    proc, fs = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text("MemTotal: 24000000 kB\nMemAvailable: 20000000 kB\n")
+    if layout == "v1":
+        (proc / "self" / "cgroup").write_text("5:devices:/\n4:memory:/capped-7\n1:cpu:/\n")
+        (fs / "memory" / "capped-7").mkdir(parents=True)
+        (fs / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+        (fs / "memory" / "capped-7" / "memory.limit_in_bytes").write_text(f"{6 * 2**30}\n")
+        assert memory_limit_bytes(str(proc), str(fs)) == 6 * 2**30
+    elif layout == "v2":
+        (proc / "self" / "cgroup").write_text("0::/app.slice/x\n")
+        (fs / "app.slice" / "x").mkdir(parents=True)
+        (fs / "memory.max").write_text("max\n")
+        (fs / "app.slice" / "x" / "memory.max").write_text(f"{2**30}\n")
+        assert memory_limit_bytes(str(proc), str(fs)) == 2**30
+    else:
+        (proc / "self" / "cgroup").write_text("0::/\n")
+        assert memory_limit_bytes(str(proc), str(fs)) == 20000000 * 1024
 
 
 def test_sizes_and_refusals(artifacts, tmp_path):
