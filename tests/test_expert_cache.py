@@ -65,11 +65,12 @@ def test_tokens_do_not_depend_on_the_budget_and_match_qmoe(artifacts, scene, pre
 def test_one_thread_gives_the_qmoe_paths_logits_bit_for_bit(artifacts, scene):
     """With one intra-op thread QMoE adds a token's experts in ascending id into one buffer, as the cache does, and
     the layer's output is hidden + (routed + shared) on both paths: prompt and decode logits are identical, not
-    merely close. (With more threads QMoE sums per-thread partial sums: another association, the last bits differ.)"""
+    merely close. The cache path's logits do not depend on the thread count (an expert session holds one expert, whose
+    sum one thread makes); QMoE's do: with more threads it adds per-thread partial sums, another association."""
     art = artifacts["test-small"]
     runs = []
-    for cache in (None, "1G"):
-        m = vl2edge.load(art, threads=1, expert_cache=cache)
+    for cache, threads in ((None, 1), ("1G", 1), ("1G", 2)):
+        m = vl2edge.load(art, threads=threads, expert_cache=cache)
         eng, inputs = m.engine, m.prepare(PROMPT, images=[scene])
         logits = [eng.prefill(eng.embed(inputs.input_ids, inputs.pixel_values, inputs.images_seq_mask,
                                         inputs.images_spatial_crop), chunk_size=128)]
@@ -77,6 +78,7 @@ def test_one_thread_gives_the_qmoe_paths_logits_bit_for_bit(artifacts, scene):
             logits.append(eng.decode(int(logits[-1].argmax())))
         runs.append(np.stack(logits))
     np.testing.assert_array_equal(runs[0], runs[1])
+    np.testing.assert_array_equal(runs[1], runs[2])  # each expert's sum is one thread's: the same at any count
 
 
 def test_the_moe_graphs_are_never_loaded_and_the_pool_keeps_its_budget(artifacts, scene):
