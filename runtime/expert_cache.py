@@ -38,6 +38,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -174,6 +175,7 @@ class ExpertCache:
         self._fd_lock = threading.Lock()
         self._local = threading.local()  # a loader thread's read buffer
         self._loaders = ThreadPoolExecutor(LOADERS, thread_name_prefix="vl2edge-expert-load")
+        self._release = weakref.finalize(self, _release, self._loaders, self._fds, self._fd_lock)
         self.read_mode = "O_DIRECT" if hasattr(os, "O_DIRECT") else "pread + POSIX_FADV_DONTNEED"
 
     @property
@@ -191,12 +193,10 @@ class ExpertCache:
         return (len(self.slots) + len(self.loading)) * self.resident_cost
 
     def close(self) -> None:
-        self._loaders.shutdown(cancel_futures=True)
+        """Drop the pool, stop the loaders, close the data files (also done when the cache is collected)."""
         self.slots.clear()
         self.loading.clear()
-        for fd, _ in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self._release()
 
     # --- one expert's bytes ---------------------------------------------------------------------------------------
     def _open(self, name: str) -> tuple[int, bool]:
@@ -408,6 +408,17 @@ class ExpertCache:
         # a wrong prediction's experts stay cached; used later they are ordinary hits
         self._from_prefetch = {key for key in self._from_prefetch if key[0] != layer}
         return y
+
+
+def _release(loaders: ThreadPoolExecutor, fds: dict, lock: threading.Lock) -> None:
+    """What a cache holds outside Python's memory: its loader threads and its data files' descriptors."""
+    loaders.shutdown(wait=False, cancel_futures=True)
+    with lock:
+        for fd, _ in fds.values():
+            os.close(fd)
+        fds.clear()
+
+
 def _top_k(artifact) -> int:
     lang = artifact.manifest["source"]["config"].get("language_config", {})
     return int(lang.get("num_experts_per_tok") or 1)

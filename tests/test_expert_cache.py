@@ -247,6 +247,25 @@ def test_a_session_does_not_read_the_buffer_its_expert_was_read_into(artifacts):
     assert np.abs(before).max() > 0
 
 
+def test_a_collected_cache_closes_its_files_and_threads(artifacts, scene):
+    import gc
+    import os
+
+    def open_fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    m = vl2edge.load(artifacts["test-small"], expert_cache="1G")
+    m.generate(PROMPT, images=[scene], max_new_tokens=2)
+    cache = m.engine.expert_cache
+    fds, loaders = set(cache._fds.values()), cache._loaders
+    assert fds
+    before = open_fds()
+    del m, cache
+    gc.collect()
+    assert open_fds() <= before - len(fds)
+    assert loaders._shutdown
+
+
 def test_an_index_without_routers_runs_without_prediction(artifacts, scene, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(artifacts["test-small"], old)
