@@ -90,9 +90,12 @@ class _OnnxBackend:
             c = eng.expert_cache
             st = c.stats.as_dict()
             rate = f"{st['hit_rate']:.1%}" if st["hit_rate"] is not None else "n/a"
-            pred = "no prefetch" if not eng.expert_prefetch else "prefetch: none predicted yet" \
-                if st["prediction_rate"] is None else \
-                f"prefetch: {st['prefetched']} loads, predictions {st['prediction_rate']:.1%} right"
+            if not eng.expert_prefetch:
+                pred = "no prefetch"
+            elif st["prediction_rate"] is None:
+                pred = "prefetch: none predicted yet"
+            else:
+                pred = f"prefetch: {st['prefetched']} loads, predictions {st['prediction_rate']:.1%} right"
             print(f"[expert cache: {c.budget / 2**20:.0f} MiB, {c.capacity} experts; hit rate {rate} "
                   f"({st['hits']} hits, {st['prefetch_hits']} prefetched, {st['misses']} misses; {pred}), "
                   f"{st['bytes_read'] / 2**20:.0f} MiB read ({c.read_mode}), {st['load_s']:.1f} s loading, "
