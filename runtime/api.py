@@ -31,8 +31,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import numpy as np
-
 from .chat_template import IMAGE_TAG, as_image_list, normalize_messages
 from .engine import Engine
 from .expert_cache import ExpertCacheError, memory_limit_bytes, parse_size
@@ -69,8 +67,8 @@ def expert_cache_budget(art, size: str | int) -> int:
         return parse_size(size)
     limit = memory_limit_bytes()
     routed = art.manifest["graphs"].get("routed_experts") or {}
-    experts = sum(int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize
-                  for layer in routed.get("layers", {}).values() for t in layer["tensors"].values())
+    per_layer = int(art.manifest["source"]["config"].get("language_config", {}).get("n_routed_experts") or 0)
+    experts = int(routed.get("expert_bytes", 0)) * per_layer * len(routed.get("layers", {}))
     rest = sum(f["bytes"] for f in art.manifest["files"].values()) - experts
     budget = (limit or 0) - rest - 2**30
     if budget <= 0:

@@ -475,21 +475,26 @@ class Engine:
         idx, w = self._choose(i, layer, router_logits)
         t1 = time.perf_counter()
         self.timings.dispatch += t1 - t0
-        x, h = mlp_in.numpy(), hidden.numpy()
+        x, h = mlp_in.numpy()[0], hidden.numpy()[0]
         then = None
-        if self.expert_prefetch and h.shape[1] == 1 and i + 1 < len(self.layers) and self.layers[i + 1].cached:
+        if self.expert_prefetch and len(h) == 1 and i + 1 < len(self.layers) and self.layers[i + 1].cached:
             predicted, _ = route(self.expert_cache.router_logits(i + 1, h), self.routing, self.layers[i + 1].bias)
             then = (i + 1, predicted)
-        shared = self._shared_experts(layer, x)
-        routed = self.expert_cache.run(i, x.reshape(-1, x.shape[-1]), idx, w, then=then).reshape(x.shape)
+        out = self._moe_from_cache(i, layer, h, x, idx, w, [(0, len(x))], then)
         self.timings.experts += time.perf_counter() - t1
-        return h + (routed + shared)  # the MoE graph's association (export/mlp.py): the same sums, bit for bit
+        return out[None]
 
-    @staticmethod
-    def _shared_experts(layer: _Layer, x: np.ndarray) -> np.ndarray:
-        """shared_experts(x) for x [1, T, H], from the layer's shared graph (hidden_out = hidden + shared, with
-        hidden 0: exactly the shared experts' output)."""
-        return layer.mlp.run(None, {"hidden": np.zeros_like(x), "mlp_in": x})[0]
+    def _moe_from_cache(self, i: int, layer: _Layer, hidden: np.ndarray, mlp_in: np.ndarray, idx: np.ndarray,
+                        w: np.ndarray, spans: list[tuple[int, int]], then=None) -> np.ndarray:
+        """hidden + (routed + shared) for tokens [T, H]: the MoE graph's own association (export/mlp.py), so the
+        sums are the QMoE path's bit for bit where QMoE adds in the same order (one thread). The shared experts run
+        from the layer's shared graph span by span (bounded activations) with hidden 0, which gives exactly their
+        output; the routed ones from the expert cache, `then` its prefetch (ExpertCache.run)."""
+        shared = np.empty_like(mlp_in)
+        for a, b in spans:
+            x = mlp_in[None, a:b]
+            shared[a:b] = layer.mlp.run(None, {"hidden": np.zeros_like(x), "mlp_in": x})[0][0]
+        return hidden + (self.expert_cache.run(i, mlp_in, idx, w, then=then) + shared)
 
     def prefill(self, embeds: np.ndarray, chunk_size: int = 512,
                 stop: Callable[[], bool] | None = None) -> np.ndarray | None:
@@ -529,13 +534,11 @@ class Engine:
                 if layer.has_router:
                     logits.append(outs[2].numpy())
             t1 = time.perf_counter()
-            out = np.empty_like(x)
             if layer.cached:
                 idx, w = self._choose(i, layer, np.concatenate(logits))
-                for a, b in spans:
-                    out[a:b] = self._shared_experts(layer, mlp_in[None, a:b])[0]
-                out = hidden + (self.expert_cache.run(i, mlp_in, idx, w) + out)
+                out = self._moe_from_cache(i, layer, hidden, mlp_in, idx, w, spans)
             else:
+                out = np.empty_like(x)
                 for k, (a, b) in enumerate(spans):
                     feeds = {"hidden": hidden[None, a:b], "mlp_in": mlp_in[None, a:b]}
                     if layer.moe:

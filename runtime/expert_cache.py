@@ -153,6 +153,10 @@ class ExpertCache:
         self.artifact, self.routed = artifact, routed
         self.template = artifact.path(routed["template"]["file"]).read_bytes()
         self.layers = {int(k): v for k, v in routed["layers"].items()}
+        # every layer's four tensors have the same shapes: (name, one expert's shape, dtype, bytes)
+        self._pieces = [(name, [1, *t["shape"][1:]], np.dtype(t["dtype"]),
+                         int(np.prod(t["shape"][1:])) * np.dtype(t["dtype"]).itemsize)
+                        for name, t in next(iter(self.layers.values()))["tensors"].items()]
         self.expert_bytes = int(routed["expert_bytes"])
         self.resident_cost = int(self.expert_bytes * RESIDENT_FACTOR)
         self.budget = int(budget)
@@ -232,8 +236,7 @@ class ExpertCache:
         creation. A fresh buffer per load cost a page fault per 4 KiB read."""
         buf = getattr(self._local, "buf", None)
         if buf is None:
-            size = sum(-(-int(np.prod(t["shape"][1:])) * np.dtype(t["dtype"]).itemsize // _ALIGN) * _ALIGN + _ALIGN
-                       for t in next(iter(self.layers.values()))["tensors"].values())
+            size = sum(-(-n // _ALIGN) * _ALIGN + _ALIGN for _, _, _, n in self._pieces)
             buf = self._local.buf = mmap.mmap(-1, size)
             buf.write(bytes(size))
         return buf
@@ -260,10 +263,8 @@ class ExpertCache:
         """The expert's four tensors as views into this thread's buffer (valid until its next read)."""
         entry, buf, into = self.layers[layer], self._buffer(), 0
         arrays = []
-        for t in entry["tensors"].values():
-            shape, dtype = [1, *t["shape"][1:]], np.dtype(t["dtype"])
-            n = int(np.prod(shape)) * dtype.itemsize
-            a, used = self._pread(entry["data"], t["offset"] + expert * n, n, buf, into)
+        for name, shape, dtype, n in self._pieces:
+            a, used = self._pread(entry["data"], entry["tensors"][name]["offset"] + expert * n, n, buf, into)
             arrays.append(a.view(dtype).reshape(shape))
             into += -(-used // _ALIGN) * _ALIGN
         return arrays
@@ -284,8 +285,8 @@ class ExpertCache:
         # its own pool, asleep between runs: ONNX Runtime's global pool would force every session of the process
         # onto it (use_per_session_threads must then be false everywhere), the engine's and other engines' too
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        names = list(self.layers[layer]["tensors"])
-        opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
+        opts.add_external_initializers([name for name, *_ in self._pieces],
+                                       [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
         session = ort.InferenceSession(self.template, opts, providers=self.providers)
         return session, time.perf_counter() - t0
 
