@@ -6,6 +6,10 @@ machine's VM reports a 300 MiB L3), reduced by numpy's `np.maximum.reduce` (SIMD
 where `np.add.reduce`'s pairwise summation is compute-bound at 5.8 GB/s; it releases the GIL): once with one thread
 and once split over `threads` Python threads, each the best of `repeats` passes after one untimed pass. Best-of, not median: the ceiling is what the hardware can do when nobody else is using
 it; the load average recorded beside each sample says how busy the machine was.
+
+A second ceiling is onnxruntime's own: `measure_gemv_bandwidth` times one MatMulNBits GEMV over a weight much larger
+than the cache (8-bit, accuracy level 4, as the decode step's int8 projections and head run), so a decode step's
+effective rate can be compared with what the kernel it mostly runs streams at the same threads.
 """
 
 from __future__ import annotations
@@ -100,6 +104,41 @@ def measure_bandwidth(threads: int = 1, size_mb: int = 1024, repeats: int = 5) -
     out["load_average"] = load_average()
     del a
     return out
+
+
+def measure_gemv_bandwidth(threads: int = 1, bits: int = 8, k: int = 2048, block_size: int = 64,
+                           size_mb: int = 256, repeats: int = 7) -> dict:
+    """Best rate (bytes/s of codes + scales) of one com.microsoft MatMulNBits x[1, k] @ W[k, n]^T, W sized to
+    `size_mb`. The weights are random codes: a GEMV's speed does not depend on their values."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    blob, blocks = block_size * bits // 8, -(-k // block_size)
+    n = size_mb * 2**20 // (blocks * blob)
+    codes = np.random.default_rng(0).integers(0, 256, (n, blocks, blob), dtype=np.uint8)
+    scales = np.full((n, blocks), 0.01, np.float32)
+    node = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=block_size, accuracy_level=4)
+    graph = helper.make_graph([node], "gemv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                              [numpy_helper.from_array(codes, "w"), numpy_helper.from_array(scales, "s")])
+    model = helper.make_model(graph, ir_version=10,  # onnxruntime 1.31 refuses IR 14
+                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the Engine runs
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    del model, graph
+    x = np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)
+    session.run(None, {"x": x})
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.run(None, {"x": x})
+        best = min(best, time.perf_counter() - t0)
+    return {"bytes_per_s": (codes.nbytes + scales.nbytes) / best, "weight_bytes": codes.nbytes + scales.nbytes,
+            "bits": bits, "k": k, "n": n, "block_size": block_size, "threads": threads, "repeats": repeats,
+            "load_average": load_average()}
 
 
 def bandwidth_summary(samples: list[dict]) -> dict:

@@ -14,6 +14,12 @@ both, the side that goes first alternating from round to round, at the same thre
           before the timed one (llama-bench too warms up before each test);
   theirs  `llama-bench -m GGUF -t T -p P -n N -d D1,D2.. -r 1 -o json` (pp P at depth 0, tg N at each depth).
 The ratio of a round is ours / theirs in tokens/s; the report gives its median and range over rounds.
+
+Bytes per token and the roofline (bench/step_bytes.py): each decode row carries the bytes a step reads on each side
+at the timed steps' mean context (ours from the artifact's initializers, theirs from the GGUF's tensors), the
+effective rate bytes x tokens/s, and that rate against two ceilings measured in every round at the same threads:
+a streaming read of 1 GiB (bench/machine.measure_bandwidth) and onnxruntime's 8-bit MatMulNBits GEMV over 256 MiB
+(bench/machine.measure_gemv_bandwidth).
 """
 
 from __future__ import annotations
@@ -94,17 +100,38 @@ def _summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "range": [min(values), max(values)], "rounds": values}
 
 
+def ceilings(threads: int, stream_mb: int = 1024, gemv_mb: int = 256) -> dict[str, float]:
+    """The machine's read ceilings now, bytes/s (module docstring)."""
+    from .machine import measure_bandwidth, measure_gemv_bandwidth
+
+    return {"stream": measure_bandwidth(threads, size_mb=stream_mb, repeats=3)[f"threads_{threads}_bytes_per_s"],
+            "gemv_int8": measure_gemv_bandwidth(threads, bits=8, size_mb=gemv_mb)["bytes_per_s"]}
+
+
+def mean_context(depth: int, decode_tokens: int) -> dict[str, float]:
+    """The timed steps' mean context on each side: ours prefill max(depth, 1) and run WARMUP_STEPS first;
+    llama-bench fills `depth` and times all of its `decode_tokens`."""
+    return {"ours": max(depth, 1) + WARMUP_STEPS + (decode_tokens - 1) / 2, "theirs": depth + (decode_tokens - 1) / 2}
+
+
 def run(artifact, binary, gguf, threads: int = 2, depths=(0, 2048), decode_tokens: int = 64, prefill: int = 512,
-        rounds: int = 3, progress: bool = True) -> dict:
+        rounds: int = 3, progress: bool = True, ceiling_mb: tuple[int, int] = (1024, 256)) -> dict:
     from ..runtime.engine import Engine
+    from .step_bytes import artifact_step_bytes, gguf_step_bytes
 
     depths = list(depths)
     engine = Engine(artifact, threads=threads, verify="size")
     if max(depths) + WARMUP_STEPS + decode_tokens + 1 > engine.max_len or prefill > engine.max_len:
         raise ValueError(f"depths {depths} + {decode_tokens} tokens do not fit the artifact's {engine.max_len}")
     ours(engine, min(prefill, 64), 4, [0])  # warm-up: the first runs of every session allocate and pack
-    order, got = [], {"ours": [], "theirs": []}
+    step_bytes = {}
+    for d in depths:
+        ctx = mean_context(d, decode_tokens)
+        step_bytes[f"decode@{d}"] = {"ours": artifact_step_bytes(artifact, round(ctx["ours"])),
+                                     "theirs": gguf_step_bytes(gguf, round(ctx["theirs"]))}
+    order, got, ceiling = [], {"ours": [], "theirs": []}, []
     for r in range(rounds):
+        ceiling.append(ceilings(threads, *ceiling_mb))
         for side in (("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")):
             order.append(side)
             got[side].append(ours(engine, prefill, decode_tokens, depths) if side == "ours" else
@@ -116,9 +143,20 @@ def run(artifact, binary, gguf, threads: int = 2, depths=(0, 2048), decode_token
     rows = [{"measure": k, "ours": _summary([g[k] for g in got["ours"]]),
              "theirs": _summary([g[k] for g in got["theirs"]]),
              "ratio": _summary([a[k] / b[k] for a, b in zip(got["ours"], got["theirs"])])} for k in keys]
+    for row in rows:
+        if row["measure"] not in step_bytes:
+            continue
+        sb = step_bytes[row["measure"]]
+        row["bytes_per_token"] = sb
+        for side in ("ours", "theirs"):  # bytes x tokens/s, round by round; and against that round's ceilings
+            rate = [sb[side]["total"] * t for t in row[side]["rounds"]]
+            row[f"{side}_bytes_per_s"] = _summary(rate)
+            row[f"{side}_of_stream"] = _summary([x / c["stream"] for x, c in zip(rate, ceiling)])
+            row[f"{side}_of_gemv"] = _summary([x / c["gemv_int8"] for x, c in zip(rate, ceiling)])
     return {"artifact": str(artifact), "gguf": str(gguf), "llama_bench": str(binary), "threads": threads,
             "prefill_tokens": prefill, "decode_tokens": decode_tokens, "depths": depths, "rounds": rounds,
             "order": order, "rows": rows,
+            "ceilings": {k: _summary([c[k] for c in ceiling]) for k in ceiling[0]},
             "date_utc": time.strftime("%Y-%m-%d", time.gmtime())}
 
 
@@ -131,6 +169,21 @@ def table(doc: dict) -> str:
         name = f"prefill {doc['prefill_tokens']}" if r["measure"] == "prefill" else \
             f"decode {doc['decode_tokens']} at depth {r['measure'].split('@')[1]}"
         lines.append(f"| {name} | {f(r['ours'])} | {f(r['theirs'])} | {f(r['ratio'], 2)}× |")
+    c = doc.get("ceilings")
+    if c:
+        gb = lambda s: f"{s['median'] / 1e9:.1f} ({s['range'][0] / 1e9:.1f}-{s['range'][1] / 1e9:.1f})"  # noqa: E731
+        pct = lambda s: f"{100 * s['median']:.0f}% ({100 * s['range'][0]:.0f}-{100 * s['range'][1]:.0f})"  # noqa: E731
+        lines += ["", f"Ceilings, GB/s median (range) over the rounds: streaming read {gb(c['stream'])}, 8-bit "
+                      f"MatMulNBits GEMV {gb(c['gemv_int8'])}", "",
+                  "| decode | MB/token vl2edge | MB/token llama.cpp | GB/s vl2edge | GB/s llama.cpp "
+                  "| vl2edge of stream | llama.cpp of stream |", "|---|---|---|---|---|---|---|"]
+        for r in doc["rows"]:
+            if "bytes_per_token" not in r:
+                continue
+            mb = r["bytes_per_token"]
+            lines.append(f"| depth {r['measure'].split('@')[1]} | {mb['ours']['total'] / 1e6:.0f} | "
+                         f"{mb['theirs']['total'] / 1e6:.0f} | {gb(r['ours_bytes_per_s'])} | "
+                         f"{gb(r['theirs_bytes_per_s'])} | {pct(r['ours_of_stream'])} | {pct(r['theirs_of_stream'])} |")
     return "\n".join(lines)
 
 

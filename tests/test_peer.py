@@ -8,9 +8,10 @@ import os
 import stat
 import sys
 
+import numpy as np
 import pytest
 
-from vl2edge.bench import peer
+from vl2edge.bench import peer, step_bytes
 
 STAND_IN = r'''#!{python}
 import json, os, sys
@@ -37,8 +38,31 @@ def stand_in(tmp_path, fail=False, drop_decode=False):
     log = tmp_path / "calls.jsonl"
     path.write_text(STAND_IN.format(python=sys.executable, log=str(log), fail=fail, drop_decode=drop_decode))
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    (tmp_path / "model.gguf").write_bytes(b"GGUF")
-    return path, tmp_path / "model.gguf", log
+    gguf = tmp_path / "model.gguf"
+    if not gguf.exists():
+        write_gguf(gguf)
+    return path, gguf, log
+
+
+def write_gguf(path, layers=2, experts=4, used=2, heads=2, head_dim=4, hidden=8, vocab=16):
+    """A small GGUF in llama.cpp's layout (gguf's own writer): fp32 tensors, so every size is easy to count."""
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), "deepseek2")
+    w.add_block_count(layers)
+    for key, value in {"expert_count": experts, "expert_used_count": used, "attention.head_count": heads,
+                       "attention.head_count_kv": heads, "attention.key_length": head_dim,
+                       "attention.value_length": head_dim, "embedding_length": hidden}.items():
+        w.add_uint32(f"deepseek2.{key}", value)
+    w.add_tensor("token_embd.weight", np.zeros((vocab, hidden), np.float32))
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.attn_q.weight", np.zeros((hidden, hidden), np.float32))
+        w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.zeros((experts, hidden, hidden), np.float32))
+    w.add_tensor("output.weight", np.zeros((vocab, hidden), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +75,7 @@ def artifact(test_checkpoints, tmp_path_factory):
 def test_rounds_alternate_and_the_ratio_is_per_round(artifact, tmp_path):
     binary, gguf, log = stand_in(tmp_path)
     doc = peer.run(artifact, binary, gguf, threads=1, depths=[0, 64], decode_tokens=4, prefill=32, rounds=3,
-                   progress=False)
+                   progress=False, ceiling_mb=(16, 8))
     assert doc["order"] == ["ours", "theirs", "theirs", "ours", "ours", "theirs"]
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(calls) == 3
@@ -70,6 +94,20 @@ def test_rounds_alternate_and_the_ratio_is_per_round(artifact, tmp_path):
         assert r["ratio"]["range"][0] <= r["ratio"]["median"] <= r["ratio"]["range"][1]
     text = peer.table(doc)
     assert "| decode 4 at depth 64 |" in text and "×" in text
+    # bytes per token at the timed steps' mean context, and the rates they imply against each round's ceilings
+    assert set(doc["ceilings"]) == {"stream", "gemv_int8"} and len(doc["ceilings"]["stream"]["rounds"]) == 3
+    for d in (0, 64):
+        r = rows[f"decode@{d}"]
+        ctx = peer.mean_context(d, 4)
+        assert ctx["ours"] == max(d, 1) + peer.WARMUP_STEPS + 1.5 and ctx["theirs"] == d + 1.5
+        assert r["bytes_per_token"]["ours"] == step_bytes.artifact_step_bytes(artifact, round(ctx["ours"]))
+        assert r["bytes_per_token"]["theirs"] == step_bytes.gguf_step_bytes(gguf, round(ctx["theirs"]))
+        total = r["bytes_per_token"]["ours"]["total"]
+        assert r["ours_bytes_per_s"]["rounds"] == pytest.approx([total * t for t in r["ours"]["rounds"]])
+        assert r["ours_of_stream"]["rounds"] == pytest.approx(
+            [x / c for x, c in zip(r["ours_bytes_per_s"]["rounds"], doc["ceilings"]["stream"]["rounds"])])
+    assert "prefill" in rows and "bytes_per_token" not in rows["prefill"]
+    assert "| depth 64 |" in text and "streaming read" in text
 
 
 def test_llama_bench_failures_are_named(tmp_path):
