@@ -53,11 +53,13 @@ def _options(args) -> dict:
 class _OnnxBackend:
     def __init__(self, args):
         from .runtime.api import load
+        from .runtime.thread_pool import wanted
 
         self.model = load(args.model, provider=args.provider, threads=args.threads, max_tiles=args.max_tiles,
                           verify=args.verify, transient_vision=args.transient_vision,
                           official_pixels=args.official_pixels, low_memory=args.low_memory,
-                          expert_cache=args.expert_cache, expert_prefetch=not args.no_prefetch)
+                          expert_cache=args.expert_cache, expert_prefetch=not args.no_prefetch,
+                          shared_threads=wanted(True))
         self.chunk_size = args.chunk_size
         self.trace_path = args.trace_routing
         if self.trace_path:
@@ -310,6 +312,7 @@ def _serve(args) -> int:
     except ImportError as e:
         raise ValueError(f"`vl2edge serve` needs the [server] extra: pip install \"vl2edge[server]\" ({e})") from None
     from .runtime.api import load
+    from .runtime.thread_pool import wanted
     from .serve.media_files import allowed_dirs
     from .serve.server import check_exposure
 
@@ -324,7 +327,7 @@ def _serve(args) -> int:
     model = load(args.model, provider=args.provider, threads=args.threads, max_tiles=args.max_tiles,
                  verify=args.verify, transient_vision=args.transient_vision, official_pixels=args.official_pixels,
                  low_memory=args.low_memory, expert_cache=args.expert_cache,
-                 expert_prefetch=not args.no_prefetch)
+                 expert_prefetch=not args.no_prefetch, shared_threads=wanted(True))
     model.processor.image_options["max_pixels"] = args.max_image_pixels
     options = ServerOptions(model_id=args.model_name or Path(args.model).resolve().name, api_key=api_key,
                             max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 2 ** 20),

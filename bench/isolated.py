@@ -58,6 +58,9 @@ def run_isolated(kind: str, args: dict, in_process: bool = False, env: dict | No
 def main(argv=None) -> int:
     spec_path, out_path = (argv or sys.argv[1:])[:2]
     spec = json.loads(Path(spec_path).read_text())
+    from ..runtime.thread_pool import ENV
+
+    os.environ.setdefault(ENV, "1")  # a process of its own: the runtime as `vl2edge run` runs it
     try:
         result = _child(spec["kind"], spec["args"])
     except Exception as e:  # reported in the JSON document, not a traceback in the middle of the run

@@ -124,9 +124,11 @@ def measure_gemv_bandwidth(threads: int = 1, bits: int = 8, k: int = 2048, block
                               [numpy_helper.from_array(codes, "w"), numpy_helper.from_array(scales, "s")])
     model = helper.make_model(graph, ir_version=10,  # onnxruntime 1.31 refuses IR 14
                               opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    from ..runtime.thread_pool import apply_threads
+
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the Engine runs
+    apply_threads(opts, threads)  # as the Engine's sessions get theirs (the process's shared pool where it has one)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     del model, graph
     x = np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)

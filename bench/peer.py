@@ -117,10 +117,11 @@ def mean_context(depth: int, decode_tokens: int) -> dict[str, float]:
 def run(artifact, binary, gguf, threads: int = 2, depths=(0, 2048), decode_tokens: int = 64, prefill: int = 512,
         rounds: int = 3, progress: bool = True, ceiling_mb: tuple[int, int] = (1024, 256)) -> dict:
     from ..runtime.engine import Engine
+    from ..runtime.thread_pool import wanted
     from .step_bytes import artifact_step_bytes, gguf_step_bytes
 
     depths = list(depths)
-    engine = Engine(artifact, threads=threads, verify="size")
+    engine = Engine(artifact, threads=threads, verify="size", shared_threads=wanted(False))
     if max(depths) + WARMUP_STEPS + decode_tokens + 1 > engine.max_len or prefill > engine.max_len:
         raise ValueError(f"depths {depths} + {decode_tokens} tokens do not fit the artifact's {engine.max_len}")
     ours(engine, min(prefill, 64), 4, [0])  # warm-up: the first runs of every session allocate and pack
@@ -154,6 +155,7 @@ def run(artifact, binary, gguf, threads: int = 2, depths=(0, 2048), decode_token
             row[f"{side}_of_stream"] = _summary([x / c["stream"] for x, c in zip(rate, ceiling)])
             row[f"{side}_of_gemv"] = _summary([x / c["gemv_int8"] for x, c in zip(rate, ceiling)])
     return {"artifact": str(artifact), "gguf": str(gguf), "llama_bench": str(binary), "threads": threads,
+            "thread_pool": engine.thread_pool,
             "prefill_tokens": prefill, "decode_tokens": decode_tokens, "depths": depths, "rounds": rounds,
             "order": order, "rows": rows,
             "ceilings": {k: _summary([c[k] for c in ceiling]) for k in ceiling[0]},
@@ -199,6 +201,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    from ..runtime.thread_pool import ENV
+
+    os.environ.setdefault(ENV, "1")  # this process is the bench's: the runtime as `vl2edge run` runs it
     doc = run(args.artifact, args.llama_bench, args.gguf, args.threads, [int(d) for d in args.depths.split(",")],
               args.decode_tokens, args.prefill, args.rounds)
     print(table(doc))

@@ -175,13 +175,14 @@ def bench_runtime(artifact: str | Path, threads: int | None, provider: str | Non
     low_memory: `load(low_memory=True)`, and the workload's prefill chunks are the model's (256 on Tiny, 128 on
     Small); expert_cache: `load(expert_cache=...)`, the cache's figures in the record's "expert_cache"."""
     from ..runtime.api import load
+    from ..runtime.thread_pool import wanted
 
     t_start = time.perf_counter()
     load_start = load_average()
     phases = {"start": memory.rss()}
     t0 = time.perf_counter()
     model = load(artifact, provider=provider, threads=threads, verify="size", transient_vision=transient_vision,
-                 low_memory=low_memory, expert_cache=expert_cache)
+                 low_memory=low_memory, expert_cache=expert_cache, shared_threads=wanted(False))
     if low_memory:
         workload = workload.with_(chunk_size=model.chunk_size)
     load_s = time.perf_counter() - t0
@@ -198,6 +199,7 @@ def bench_runtime(artifact: str | Path, threads: int | None, provider: str | Non
         "quantization": m["quantization"],
         "provider": model.provider,
         "threads": threads,
+        "thread_pool": model.engine.thread_pool,
         "max_len": model.max_len,
         "ort_intra_op_spinning": model.engine._opts.get_session_config_entry("session.intra_op.allow_spinning") == "1",
         "transient_vision": transient_vision,

@@ -79,7 +79,8 @@ def expert_cache_budget(art, size: str | int) -> int:
 
 def load(path: str | Path, provider: str | None = None, threads: int | None = None, max_tiles: int | None = None,
          verify: str = "sha256", transient_vision: bool = False, official_pixels: bool = False,
-         low_memory: bool = False, expert_cache: str | int | None = None, expert_prefetch: bool = True) -> "Model":
+         low_memory: bool = False, expert_cache: str | int | None = None, expert_prefetch: bool = True,
+         shared_threads: bool = False) -> "Model":
     """Open an exported artifact directory.
 
     provider: None = best available (CUDA, then CPU), "cpu" or "cuda" (absent -> warning and CPU); threads: ORT
@@ -98,6 +99,9 @@ def load(path: str | Path, provider: str | None = None, threads: int | None = No
     other weights and 1 GiB): the routed experts stay in the artifact's files and a pool of that size holds the
     recently used ones (runtime/expert_cache.py); the tokens are the same whatever the size. expert_prefetch (with
     expert_cache): during decode, load the experts the next layer's router predicts while this layer runs.
+    shared_threads (CPU): one onnxruntime intra-op pool for the whole process instead of one per session (faster
+    decode; runtime/thread_pool.py). onnxruntime then refuses any later session of the process that asks for its own
+    pool, so it is the caller's choice; `vl2edge run` and `serve` make it.
     Raises ArtifactError (a ValueError) for a missing, corrupt or mismatched artifact, ValueError for a bad option.
     """
     if verify not in ("sha256", "size"):
@@ -109,7 +113,7 @@ def load(path: str | Path, provider: str | None = None, threads: int | None = No
         budget = None if expert_cache is None else expert_cache_budget(art, expert_cache)
         engine = Engine(art, provider=provider, threads=threads, transient_vision=transient_vision or low_memory,
                         vision_alone=low_memory, shrink_arena=low_memory, expert_cache=budget,
-                        expert_prefetch=expert_prefetch)
+                        expert_prefetch=expert_prefetch, shared_threads=shared_threads)
     except ValueError:
         raise
     except Exception as e:  # onnxruntime's own errors for a graph it cannot load

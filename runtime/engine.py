@@ -31,6 +31,7 @@ from .dispatch import ExpertCounts, RoutingConfig, route
 from .expert_cache import MMAP_THRESHOLD, ExpertCache, ExpertCacheError
 from .image_layout import scatter_images
 from .residency import page_out_files
+from .thread_pool import apply_threads, pool_size, share_threads
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -141,7 +142,7 @@ class Engine:
     def __init__(self, artifact: str | Artifact, provider: str | None = None, threads: int | None = None,
                  verify: str = "sha256", spin: bool = False, transient_vision: bool = False,
                  vision_alone: bool = False, arena: bool = True, shrink_arena: bool = False,
-                 expert_cache: int | None = None, expert_prefetch: bool = True):
+                 expert_cache: int | None = None, expert_prefetch: bool = True, shared_threads: bool = False):
         """transient_vision: create the vision session for each encode_images call and release it after, instead
         of keeping it for the engine's life: its weights (int8 SigLIP, ~0.43 GB) and prepacked copies are then
         resident only while images are encoded, at the price of loading it again for every image. The language
@@ -167,7 +168,11 @@ class Engine:
         by layer (every chunk through layer L before layer L+1), so each layer's experts are read once per prompt.
         expert_prefetch (with expert_cache): in a decode step, while layer L's experts load and run, the next MoE
         layer's experts are predicted (its router on layer L's residual stream) and loaded on the cache's loader
-        threads; where the artifact's index has no routers (exports before it had them) nothing is predicted."""
+        threads; where the artifact's index has no routers (exports before it had them) nothing is predicted.
+        shared_threads (CPU, without spin): make onnxruntime's process-wide intra-op pool of `threads` if the process
+        has none (runtime/thread_pool.py: 1.09-1.21x decode on real-dims Tiny; every later session in the process
+        must then use it). Where the process has it, the sessions use it whatever this flag; `thread_pool` says
+        which pool they got."""
         if vision_alone and not transient_vision:
             raise ValueError("vision_alone needs transient_vision (a resident vision session is never alone)")
         self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(artifact, verify=verify)
@@ -197,8 +202,12 @@ class Engine:
         if shrink_arena:
             self._shrink_after_chunk = ort.RunOptions()
             self._shrink_after_chunk.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        if shared_threads and self.provider == "cpu" and not spin and share_threads(threads) != int(threads or 0):
+            warnings.warn(f"onnxruntime's shared thread pool has {pool_size()} threads in this process (its first "
+                          f"engine's), not {threads}: it is fixed per process", stacklevel=2)
         self._opts = self._session_options(threads, spin, arena="none" if not self.arena else
                                            "shared" if self.provider == "cpu" else "own")
+        self.thread_pool = apply_threads(ort.SessionOptions(), threads)  # what every session of the engine gets
         # A transient vision session keeps its own arena, freed with it (its blocks are above glibc's mmap threshold,
         # so they go back to the OS), instead of leaving its high-water mark in the shared arena, where the language
         # model reuses only part of it: real-dims Small, one 640x480 image then a 3.9k prompt in 128-token chunks,
@@ -243,17 +252,16 @@ class Engine:
     @staticmethod
     def _session_options(threads: int | None, spin: bool, arena: str) -> ort.SessionOptions:
         """arena: "shared" (the process-wide CPU arena, use_shared_cpu_arena), "own" (the session's own arena, freed
-        with it) or "none" (no CPU arena; see return_large_blocks)."""
+        with it) or "none" (no CPU arena; see return_large_blocks). Threads: the process's shared pool if it has one,
+        else `threads` of the session's own (runtime/thread_pool.py)."""
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
+        apply_threads(opts, threads)
         # ORT's worker threads busy-wait between ops by default. On a small shared machine that steals the cores
         # from everything else (measured: 152 vs 1590 tok/s on test-tiny with a second busy process). Worse, every
         # session has its own intra-op pool, so with 2 + 2*layers sessions spin=True leaves ~25 threads spinning on
-        # the cores: real-dims Tiny int4 decoded at 782 ms/token with it vs 45 without (2 cores). A process-wide
-        # pool (ort.set_global_thread_pool_sizes + use_per_session_threads=False) removes that pathology (44.5 ms
-        # with spinning) but gave no measurable gain without it, and it is fixed for the process at first use.
+        # the cores: real-dims Tiny int4 decoded at 782 ms/token with it vs 45 without (2 cores). The process-wide
+        # pool (shared_threads) has one worker per extra core, so its spinning costs little and gains (thread_pool.py).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         if arena == "none":
             opts.enable_cpu_mem_arena = False

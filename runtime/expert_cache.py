@@ -47,6 +47,8 @@ import numpy as np
 import onnxruntime as ort
 from safetensors.numpy import load_file
 
+from .thread_pool import apply_threads
+
 # resident bytes per cached expert / its stored bytes, with malloc's mmap threshold at MMAP_THRESHOLD: 1.13 measured
 # at Small's expert shapes, 1.18 at Tiny's (a session's prepacked weights, its kept scales, the session)
 RESIDENT_FACTOR = 1.2
@@ -274,16 +276,16 @@ class ExpertCache:
         t0 = time.perf_counter()
         arrays = self._read(layer, expert)
         opts = ort.SessionOptions()
-        if self.threads:  # 2 threads against 1 on real-dims Tiny: prefill 153 vs 119 tok/s, decode the same
-            opts.intra_op_num_threads = self.threads
+        # 2 threads against 1 on real-dims Tiny: prefill 153 vs 119 tok/s, decode the same; the process's shared
+        # pool where it has one (runtime/thread_pool.py: onnxruntime then refuses a session's own)
+        apply_threads(opts, self.threads)
         # one QMoE node: nothing to optimize, and a miss is mostly session creation (~1.4 of ~2.7 ms per miss)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         # no arena: a session's arena would keep the high-water mark of its largest run (a prompt's tokens through
         # one expert) for as long as the session is cached; real-dims Tiny, a 3,988-token prompt with every expert
         # cached: peak RSS 13.1 GB with the default arena
         opts.enable_cpu_mem_arena = False
-        # its own pool, asleep between runs: ONNX Runtime's global pool would force every session of the process
-        # onto it (use_per_session_threads must then be false everywhere), the engine's and other engines' too
+        # its own pool (where it has one) asleep between runs
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_external_initializers([name for name, *_ in self._pieces],
                                        [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])

@@ -7,10 +7,16 @@ Treat these directories as read-only; to corrupt one, take a copy with `copy_che
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+# One pytest process runs many engines and makes sessions of its own: onnxruntime's process-wide thread pool (which
+# `vl2edge run` makes, runtime/thread_pool.py) would make it refuse every later session with its own pool. Tests of
+# the shared pool run it in a subprocess (tests/test_thread_pool.py).
+os.environ["VL2EDGE_SHARED_THREADS"] = "0"
 
 SEED = 0
 TEST_PRESETS = ("test-tiny", "test-small", "test-vl2")
