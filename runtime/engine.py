@@ -169,8 +169,8 @@ class Engine:
         expert_prefetch (with expert_cache): in a decode step, while layer L's experts load and run, the next MoE
         layer's experts are predicted (its router on layer L's residual stream) and loaded on the cache's loader
         threads; where the artifact's index has no routers (exports before it had them) nothing is predicted.
-        shared_threads (CPU, without spin): make onnxruntime's process-wide intra-op pool of `threads` if the process
-        has none (runtime/thread_pool.py: 1.09-1.21x decode on real-dims Tiny; every later session in the process
+        shared_threads (CPU, without spin or expert_cache): make onnxruntime's process-wide intra-op pool of `threads`
+        if the process has none (runtime/thread_pool.py: 1.09-1.21x decode on real-dims Tiny; every later session in the process
         must then use it). Where the process has it, the sessions use it whatever this flag; `thread_pool` says
         which pool they got."""
         if vision_alone and not transient_vision:
@@ -202,6 +202,10 @@ class Engine:
         if shrink_arena:
             self._shrink_after_chunk = ort.RunOptions()
             self._shrink_after_chunk.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        # not with the expert cache: its loader threads make sessions while the step runs, and the shared pool's
+        # spinning worker takes their core (real-dims Tiny in 1.5 GiB, --expert-cache 600M, alternated: 3.36 / 3.36
+        # tok/s with it, 4.34 / 4.11 without)
+        shared_threads = shared_threads and self.expert_cache is None
         if shared_threads and self.provider == "cpu" and not spin and share_threads(threads) != int(threads or 0):
             warnings.warn(f"onnxruntime's shared thread pool has {pool_size()} threads in this process (its first "
                           f"engine's), not {threads}: it is fixed per process", stacklevel=2)

@@ -9,7 +9,9 @@ processes alternated, three decode runs of 64 tokens each, tokens/s: per-session
 (round by round 1.09-1.21x). docs/benchmarks.md has the same-run comparison with llama.cpp.
 
 The global pool spins briefly between kernels (onnxruntime's default for it; Python cannot change it) but it is ONE
-worker thread per extra core, where spinning per-session pools are 25 (engine.py: 782 ms/token with them).
+worker thread per extra core, where spinning per-session pools are 25 (engine.py: 782 ms/token with them). An engine
+with the expert cache keeps per-session pools: there the spinning worker takes the core the cache's loader threads
+need (engine.py has the figures).
 
 onnxruntime fixes the global pool's size at its first use, and once it exists it refuses every session that asks
 for its own pool. So a library does not make it behind its caller's back: `vl2edge run`, `vl2edge serve`, the
