@@ -7,6 +7,7 @@ One idea per module:
   workload.py        what is measured, how often (full / quick / tiny)
   machine.py         CPU, cores, versions, load average, measured memory read bandwidth
   roofline.py        bytes read per decoded token -> the best decode rate the bandwidth allows
+  step_bytes.py      the same bytes counted from the files: an artifact's initializers, a GGUF's tensors
   runtime_bench.py   the workload on the ONNX runtime (one artifact)
   reference_bench.py the workload on the PyTorch reference (fp32 / bf16, eager)
   memory.py          RSS / peak RSS from /proc; a probe of ORT session options' effect on memory
@@ -18,7 +19,8 @@ One idea per module:
   profile.py         ORT's profiler over a decode step (or a prefill chunk): time per op and graph
   gpu_check.py       `vl2edge bench --provider cuda --check`: a GPU's parity and speed in one command
 Beside the product bench: fidelity.py (logits against the reference, per stage; the precision policy), heldout.py
-(the defaults on held-out checkpoints), peer.py (llama.cpp's llama-bench in the same run); platforms/ (other
+(the defaults on held-out checkpoints), peer.py (llama.cpp's llama-bench in the same run, bytes per token and the
+read ceilings beside it); platforms/ (other
 onnxruntime releases, aarch64) and probes/ (single-graph timings, server overhead). README.md: how to run, what is
 measured, how to read it.
 """

@@ -21,7 +21,8 @@ added within a schema version; renaming or removing one bumps it.
   workload             bench/workload.py Workload.as_dict(): image sizes, repeats, contexts, steps, ...
   runtime              {precision: record | {"error"}}, precision in int4 | int8 | fp32 (| fp16 on CUDA); record:
       precision, artifact, artifact_bytes, artifact_created_utc (its manifest's mtime: which exporter made it),
-      quantization (manifest), provider, threads, max_len, ort_intra_op_spinning, transient_vision, low_memory,
+      quantization (manifest), provider, threads, thread_pool (runtime/thread_pool.py), max_len,
+      ort_intra_op_spinning, transient_vision, low_memory,
       cpu_arena ("kept", "shrunk per prefill chunk" (low memory: Engine shrink_arena) or "none"), load_s, wall_s
       vision           [{"size": [w, h], "grid": [tw, th], "tiles", "image_tokens", "image_s": summary,
                          "preprocess_s": summary, "ms_per_image", "ms_per_tile"}]

@@ -39,7 +39,7 @@ SUMMARY_KEYS = {"median", "min", "max", "p10", "p90", "mean", "stdev", "n"}
 TOP_KEYS = {"schema_version", "generator", "created_utc", "command", "mode", "model", "machine", "workload",
             "runtime", "reference", "ratios", "roofline", "targets", "plots", "errors", "skipped"}
 RUNTIME_KEYS = {"precision", "artifact", "artifact_bytes", "artifact_created_utc", "quantization", "provider",
-                "threads", "max_len", "ort_intra_op_spinning", "transient_vision", "low_memory", "cpu_arena", "load_s",
+                "threads", "thread_pool", "max_len", "ort_intra_op_spinning", "transient_vision", "low_memory", "cpu_arena", "load_s",
                 "expert_cache",
                 "vision",
                 "prefill",
@@ -87,6 +87,7 @@ def test_runtime_record(bench_run):
         "kind": "int4", "block_size": 32, "accuracy_level": 4, "symmetric": True,
         "grid": "-8..7, scale = the block's signed extreme / -8"}
     assert rt["ort_intra_op_spinning"] is False
+    assert rt["thread_pool"] == "per session (2 threads)"  # the tests' VL2EDGE_SHARED_THREADS=0 reaches the child
     assert rt["artifact_bytes"] == sum(p.stat().st_size for p in Path(rt["artifact"]).iterdir())
     assert [v["size"] for v in rt["vision"]] == [list(s) for s in w.image_sizes]
     assert [(v["grid"], v["tiles"]) for v in rt["vision"]] == [([1, 1], 2), ([2, 2], 5)]
