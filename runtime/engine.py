@@ -31,7 +31,7 @@ from .dispatch import ExpertCounts, RoutingConfig, route
 from .expert_cache import MMAP_THRESHOLD, ExpertCache, ExpertCacheError
 from .image_layout import scatter_images
 from .residency import page_out_files
-from .thread_pool import apply_threads, pool_size, share_threads
+from .thread_pool import apply_threads, describe_threads, pool_size, share_threads
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -170,9 +170,9 @@ class Engine:
         layer's experts are predicted (its router on layer L's residual stream) and loaded on the cache's loader
         threads; where the artifact's index has no routers (exports before it had them) nothing is predicted.
         shared_threads (CPU, without spin or expert_cache): make onnxruntime's process-wide intra-op pool of `threads`
-        if the process has none (runtime/thread_pool.py: 1.09-1.21x decode on real-dims Tiny; every later session in the process
-        must then use it). Where the process has it, the sessions use it whatever this flag; `thread_pool` says
-        which pool they got."""
+        if the process has none (runtime/thread_pool.py: 1.09-1.21x decode on real-dims Tiny; every later session in
+        the process must then use it). Where the process has it, the sessions use it whatever this flag;
+        `thread_pool` says which pool they got."""
         if vision_alone and not transient_vision:
             raise ValueError("vision_alone needs transient_vision (a resident vision session is never alone)")
         self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(artifact, verify=verify)
@@ -211,7 +211,7 @@ class Engine:
                           f"engine's), not {threads}: it is fixed per process", stacklevel=2)
         self._opts = self._session_options(threads, spin, arena="none" if not self.arena else
                                            "shared" if self.provider == "cpu" else "own")
-        self.thread_pool = apply_threads(ort.SessionOptions(), threads)  # what every session of the engine gets
+        self.thread_pool = describe_threads(threads)  # what every session of the engine gets
         # A transient vision session keeps its own arena, freed with it (its blocks are above glibc's mmap threshold,
         # so they go back to the OS), instead of leaving its high-water mark in the shared arena, where the language
         # model reuses only part of it: real-dims Small, one 640x480 image then a 3.9k prompt in 128-token chunks,

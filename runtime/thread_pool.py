@@ -59,12 +59,18 @@ def pool_size() -> int | None:
     return _size
 
 
+def describe_threads(threads: int | None) -> str:
+    """Which pool a session asking for `threads` gets in this process, in words."""
+    if _size is not None:
+        return f"shared ({_size or 'default'} threads)"
+    return f"per session ({threads or 'default'} threads)"
+
+
 def apply_threads(opts: ort.SessionOptions, threads: int | None) -> str:
     """Give a session's options their threads: the shared pool where this process has one (onnxruntime then
-    refuses a session's own pool), else a pool of `threads` of its own. Returns which, in words."""
+    refuses a session's own pool), else a pool of `threads` of its own. Returns describe_threads."""
     if _size is not None:
         opts.use_per_session_threads = False
-        return f"shared ({_size or 'default'} threads)"
-    if threads:
+    elif threads:
         opts.intra_op_num_threads = threads
-    return f"per session ({threads or 'default'} threads)"
+    return describe_threads(threads)
