@@ -65,7 +65,10 @@ def profile_decode(artifact: str, context: int = 512, steps: int = 16, threads: 
             files[id(sess)] = file
             return sess
 
-    eng = ProfilingEngine(artifact, provider="cpu", threads=threads, verify="size")
+    from ..runtime.thread_pool import wanted
+
+    # the pool `vl2edge run` uses (runtime/thread_pool.py) unless VL2EDGE_SHARED_THREADS=0
+    eng = ProfilingEngine(artifact, provider="cpu", threads=threads, verify="size", shared_threads=wanted(True))
     proc = Processor.from_dir(artifact)
     fill = filler_ids(proc.encode, context + max(chunk, 1) + warmup)
     logits = eng.prefill(eng.embed(fill[:context]), 512)

@@ -28,6 +28,7 @@ def expert_graph_inputs(idx: np.ndarray, weights: np.ndarray, num_experts: int, 
     scattered at them."""
     probs = np.zeros((idx.shape[0], num_experts), dtype=dtype)
     dense = np.zeros_like(probs)
-    np.put_along_axis(probs, idx, 1.0, axis=1)
-    np.put_along_axis(dense, idx, weights.astype(dtype), axis=1)
+    rows = np.arange(idx.shape[0])[:, None]  # fancy indexing: put_along_axis's index construction costs more
+    probs[rows, idx] = 1.0
+    dense[rows, idx] = weights.astype(dtype)
     return probs, dense

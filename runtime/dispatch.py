@@ -87,7 +87,9 @@ def route(logits: np.ndarray, cfg: RoutingConfig, correction_bias: np.ndarray | 
 
 
 def _weights(scores: np.ndarray, idx: np.ndarray, cfg: RoutingConfig) -> np.ndarray:
-    weights = np.take_along_axis(scores, idx, axis=1)  # VL2's selection bias only picks; the weights are unbiased
+    # VL2's selection bias only picks; the weights are unbiased. Fancy indexing, not take_along_axis: the same
+    # values, without its index construction (~10 us a call, 11-26 calls a decode step)
+    weights = scores[np.arange(len(idx))[:, None], idx]
     if cfg.top_k > 1 and cfg.norm_topk_prob:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
     return (weights * cfg.routed_scaling_factor).astype(np.float32)
