@@ -81,12 +81,13 @@ def _read(chunks: list[np.ndarray], pool: ThreadPoolExecutor | None) -> None:
         list(pool.map(np.maximum.reduce, chunks))
 
 
-def measure_bandwidth(threads: int = 1, size_mb: int = 1024, repeats: int = 5) -> dict:
-    """Best read bandwidth in bytes/s with 1 thread and with `threads` threads (and the load average then)."""
+def measure_bandwidth(threads: int = 1, size_mb: int = 1024, repeats: int = 5, single_thread: bool = True) -> dict:
+    """Best read bandwidth in bytes/s with 1 thread (unless single_thread=False) and with `threads` threads (and the
+    load average then)."""
     n = size_mb * 2**20 // 4
     a = np.ones(n, np.float32)  # written once: every page is resident before timing
     out = {"array_bytes": a.nbytes, "repeats": repeats}
-    for k in sorted({1, max(1, threads)}):
+    for k in sorted({max(1, threads)} | ({1} if single_thread else set())):
         chunks = np.array_split(a, k)
         pool = ThreadPoolExecutor(k) if k > 1 else None
         try:

@@ -104,7 +104,8 @@ def ceilings(threads: int, stream_mb: int = 1024, gemv_mb: int = 256) -> dict[st
     """The machine's read ceilings now, bytes/s (module docstring)."""
     from .machine import measure_bandwidth, measure_gemv_bandwidth
 
-    return {"stream": measure_bandwidth(threads, size_mb=stream_mb, repeats=3)[f"threads_{threads}_bytes_per_s"],
+    stream = measure_bandwidth(threads, size_mb=stream_mb, repeats=3, single_thread=False)
+    return {"stream": stream[f"threads_{threads}_bytes_per_s"],
             "gemv_int8": measure_gemv_bandwidth(threads, bits=8, size_mb=gemv_mb)["bytes_per_s"]}
 
 
@@ -118,18 +119,18 @@ def run(artifact, binary, gguf, threads: int = 2, depths=(0, 2048), decode_token
         rounds: int = 3, progress: bool = True, ceiling_mb: tuple[int, int] = (1024, 256)) -> dict:
     from ..runtime.engine import Engine
     from ..runtime.thread_pool import wanted
-    from .step_bytes import artifact_step_bytes, gguf_step_bytes
+    from .step_bytes import artifact_weight_bytes, at_context, gguf_weight_bytes
 
     depths = list(depths)
     engine = Engine(artifact, threads=threads, verify="size", shared_threads=wanted(False))
     if max(depths) + WARMUP_STEPS + decode_tokens + 1 > engine.max_len or prefill > engine.max_len:
         raise ValueError(f"depths {depths} + {decode_tokens} tokens do not fit the artifact's {engine.max_len}")
     ours(engine, min(prefill, 64), 4, [0])  # warm-up: the first runs of every session allocate and pack
+    weights = {"ours": artifact_weight_bytes(artifact), "theirs": gguf_weight_bytes(gguf)}  # read once: the files
     step_bytes = {}
     for d in depths:
         ctx = mean_context(d, decode_tokens)
-        step_bytes[f"decode@{d}"] = {"ours": artifact_step_bytes(artifact, round(ctx["ours"])),
-                                     "theirs": gguf_step_bytes(gguf, round(ctx["theirs"]))}
+        step_bytes[f"decode@{d}"] = {side: at_context(*weights[side], round(ctx[side])) for side in weights}
     order, got, ceiling = [], {"ours": [], "theirs": []}, []
     for r in range(rounds):
         ceiling.append(ceilings(threads, *ceiling_mb))

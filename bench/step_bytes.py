@@ -74,14 +74,22 @@ def graph_step_bytes(path, n_experts: int | None = None, experts: int | None = N
     return out
 
 
-def artifact_step_bytes(artifact, context: int, experts_per_layer: list[int] | None = None) -> dict:
-    """Bytes a decode step of the artifact's Engine reads at `context` tokens of cache, by part (module docstring).
-    Parts: embedding, attention (with the router), dense_mlp, routed_experts, shared_experts, head, kv_cache."""
+def at_context(weights: dict, cache_bytes_per_token: int, context: int) -> dict:
+    """A step's parts at `context` tokens of cache: the weights' parts, kv_cache and total."""
+    parts = {**weights, "kv_cache": cache_bytes_per_token * context}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def artifact_weight_bytes(artifact, experts_per_layer: list[int] | None = None) -> tuple[dict, int]:
+    """The weights a decode step of the artifact's Engine reads, by part (embedding, attention with the router,
+    dense_mlp, routed_experts, shared_experts, head), and its cache bytes per token of context."""
+    from ..model.config import VL2Config
+
     artifact = Path(artifact)
     m = json.loads((artifact / "manifest.json").read_text())
-    cfg = json.loads((artifact / "config.json").read_text())
-    lang = cfg.get("language_config", cfg)
-    E, k = lang.get("n_routed_experts"), lang.get("num_experts_per_tok")
+    lang = VL2Config.from_dict(m["source"]["config"], str(artifact / "manifest.json")).language
+    E, k = lang.n_routed_experts, lang.num_experts_per_tok
     g = m["graphs"]
     parts = defaultdict(int)
     parts["embedding"] = sum(graph_step_bytes(artifact / g["embedding"]["file"]).values())
@@ -97,15 +105,18 @@ def artifact_step_bytes(artifact, context: int, experts_per_layer: list[int] | N
             parts["shared_experts"] += b["whole"] + b["rows"]
         else:
             parts["dense_mlp"] += sum(graph_step_bytes(artifact / entry["mlp"]["file"]).values())
-    parts["kv_cache"] = int(m["attention"]["cache_bytes_per_token"]) * context
-    parts = dict(parts)
-    parts["total"] = sum(parts.values())
-    return parts
+    return dict(parts), int(m["attention"]["cache_bytes_per_token"])
 
 
-def gguf_step_bytes(path, context: int) -> dict:
-    """The same count for a llama.cpp GGUF (module docstring), by part: embedding, experts, other weights, output,
-    kv_cache (estimated)."""
+def artifact_step_bytes(artifact, context: int, experts_per_layer: list[int] | None = None) -> dict:
+    """Bytes a decode step of the artifact's Engine reads at `context` tokens of cache, by part (module docstring):
+    artifact_weight_bytes's parts, kv_cache and total."""
+    return at_context(*artifact_weight_bytes(artifact, experts_per_layer), context)
+
+
+def gguf_weight_bytes(path) -> tuple[dict, int]:
+    """The same count for a llama.cpp GGUF (module docstring), by part (embedding, routed_experts, output,
+    other_weights), and its cache bytes per token (estimated)."""
     from gguf import GGUFReader
 
     r = GGUFReader(str(path))
@@ -132,6 +143,9 @@ def gguf_step_bytes(path, context: int) -> dict:
         kl = int(field(f"{arch}.attention.key_length", 0) or field(f"{arch}.embedding_length") // heads)
         vl = int(field(f"{arch}.attention.value_length", 0) or kl)
         per_layer = heads * (kl + vl) * 2
-    parts["kv_cache"] = per_layer * int(layers) * context
-    parts["total"] = sum(parts.values())
-    return parts
+    return parts, per_layer * int(layers)
+
+
+def gguf_step_bytes(path, context: int) -> dict:
+    """gguf_weight_bytes's parts at `context` tokens of cache, kv_cache and total."""
+    return at_context(*gguf_weight_bytes(path), context)
