@@ -211,9 +211,13 @@ def measure(artifact, model, conversations: int = len(CONVERSATIONS), steps: int
     for inp, (tokens, ref_logits, ref_sel) in zip(inputs, references, strict=True):
         art_logits, art_sel = artifact_run(engine, inp, tokens)
         per_conv.append(compare(ref_logits, art_logits, ref_sel, art_sel) | {"prompt_tokens": inp.seq_len})
-        if held_routing and ref_sel:
-            art_logits, art_sel = artifact_run(engine, inp, tokens, held=ref_sel)
-            per_conv_held.append(compare(ref_logits, art_logits, ref_sel, art_sel))
+    if held_routing and any(sel for _, _, sel in references):
+        del engine  # one engine at a time; held routing replaces the numpy routing, so the two graphs per layer
+        engine = Engine(artifact, threads=threads, fused_layers=False)
+        for inp, (tokens, ref_logits, ref_sel) in zip(inputs, references, strict=True):
+            if ref_sel:
+                art_logits, art_sel = artifact_run(engine, inp, tokens, held=ref_sel)
+                per_conv_held.append(compare(ref_logits, art_logits, ref_sel, art_sel))
     out = {"summary": summarize(per_conv), "conversations": per_conv, "references": references}
     if per_conv_held:
         out["summary"]["held_routing"] = summarize(per_conv_held)

@@ -24,8 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ..export.fused_layer import MLP_PREFIX
 
-def _graph_kind(file: str) -> str:
+
+def _graph_kind(file: str, node: str = "", moe: bool = False) -> str:
+    """attention, mlp, moe, head, embedding: a split layer's kind is in its file name; a fused layer's nodes
+    (export/fused_layer.py) are the attention graph's, the routing's, or under MLP_PREFIX the MLP graph's."""
+    if re.fullmatch(r"layer\d+\.onnx", Path(file).name):
+        if node.startswith(MLP_PREFIX):
+            return "moe" if moe else "mlp"
+        return "routing" if node.startswith("route_") else "attention"
     m = re.match(r"layer\d+_(\w+)\.onnx", Path(file).name)
     return m.group(1) if m else Path(file).stem
 
@@ -57,11 +65,11 @@ def profile_decode(artifact: str, context: int = 512, steps: int = 16, threads: 
     files: dict[str, str] = {}
 
     class ProfilingEngine(Engine):
-        def _session(self, file):
+        def _session(self, file, *data_of):
             for opts in (self._opts, self._vision_opts):
                 opts.enable_profiling = True
                 opts.profile_file_prefix = str(tmp / Path(file).stem)
-            sess = super()._session(file)
+            sess = super()._session(file, *data_of)
             files[id(sess)] = file
             return sess
 
@@ -86,13 +94,14 @@ def profile_decode(artifact: str, context: int = 512, steps: int = 16, threads: 
         walls.append(time.perf_counter() - t0)
     walls = walls[warmup:]
     eng.load_language()
-    sessions = [eng.embedding, eng.head] + [s for layer in eng.layers for s in (layer.attention, layer.mlp)]
+    sessions = [(eng.embedding, False), (eng.head, False)] + [
+        (s, layer.moe) for layer in eng.layers for s in layer.sessions]
     by_op, by_graph, by_node = defaultdict(float), defaultdict(float), defaultdict(float)
-    for sess in sessions:
+    for sess, moe in sessions:
         path = Path(sess.end_profiling())
-        kind = _graph_kind(files[id(sess)])
         for e in _decode_events(path, steps):
             op = e.get("args", {}).get("op_name", "?")
+            kind = _graph_kind(files[id(sess)], e.get("name", ""), moe)
             us = e["dur"] / steps
             by_op[op] += us
             by_graph[kind] += us

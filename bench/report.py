@@ -30,8 +30,8 @@ added within a schema version; renaming or removing one bumps it.
       ttft             {"image", "question", "prompt_tokens", "vision_tiles", "s": summary, "ttft_s",
                         "breakdown_s": {"preprocess_s", "vision_s", "embed_s", "prefill_s"}}
       decode           [{"context", "start", "end", "steps", "warmup", "repeats", "step_s": summary,
-                         "ms_per_token", "tokens_per_s", "stages_ms": {"attention", "dispatch", "experts", "head",
-                         "embed", "python_overhead"}}]
+                         "ms_per_token", "tokens_per_s", "stages_ms": {"attention", "dispatch", "experts", "layers"
+                         (fused layer graphs), "head", "embed", "python_overhead"}}]
       memory           {"peak_rss_bytes", "rss_after_load_bytes", "kv_cache_bytes", "phases": {phase: {"rss",
                         "anon", "file", "peak"}}}
       load_average     1/5/15-minute load averages at "start", "after_vision", "after_prefill", "after_ttft", "end"
@@ -73,7 +73,7 @@ JSON_NAME = "bench.json"
 TABLE_NAME = "bench.txt"
 PLOT_DECODE = "decode_latency.png"
 PLOT_STAGES = "decode_stages.png"
-STAGE_ORDER = ("attention", "dispatch", "experts", "head", "embed", "python_overhead")
+STAGE_ORDER = ("attention", "dispatch", "experts", "layers", "head", "embed", "python_overhead")
 
 
 def _ok(rec) -> bool:
@@ -259,7 +259,7 @@ def render_table(doc: dict) -> str:
     for prec, rt in doc["runtime"].items():
         if _ok(rt) and rt["decode"]:
             d = rt["decode"][0]
-            st = ", ".join(f"{k} {d['stages_ms'][k]:.1f}" for k in STAGE_ORDER)
+            st = ", ".join(f"{k} {d['stages_ms'].get(k, 0.0):.1f}" for k in STAGE_ORDER)  # records before fused layers have no "layers"
             lines.append(f"{prec} decode step @{d['context']} ({d['ms_per_token']:.1f} ms): {st} ms")
     t = doc.get("targets", {})
     if t:

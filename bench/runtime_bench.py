@@ -28,7 +28,7 @@ from .prepare import precision_name
 from .stats import summarize
 from .workload import Workload, decode_start, filler_ids, synthetic_image
 
-STAGES = ("attention", "dispatch", "experts", "head", "embed")
+STAGES = ("attention", "dispatch", "experts", "layers", "head", "embed")
 
 
 def dir_bytes(path: str | Path) -> int:

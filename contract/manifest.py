@@ -17,7 +17,9 @@ Top-level keys:
                            bytes/token
   graphs                   vision, embedding, head: {file, inputs, outputs}; layers: [{attention, mlp, moe}];
                            vision_parts (optional; a runtime that ignores it runs vision.onnx as before): the tower
-                           as runs of blocks whose weights are vision.onnx.data's own (exporter.VISION_PART_BYTES)
+                           as runs of blocks whose weights are vision.onnx.data's own (exporter.VISION_PART_BYTES);
+                           layers[i].layer (optional, likewise): the layer's attention, routing and MLP as one graph
+                           whose weights are the two graphs' data files (export/fused_layer.py)
   image_tokens             safetensors file with image_newline and view_seperator
   quality_report           per tensor kind: relative error and cosine of the quantized weights
   files                    {name: {sha256, bytes}} for every other file of the directory

@@ -66,6 +66,7 @@ from ..quant.report import QualityReport
 from .attention import attention_kind, build_attention_graph
 from .embedding import KEY as EMBED_KEY
 from .embedding import build_embedding_graph
+from .fused_layer import fusable, write_fused_layer
 from .head import build_head_graph
 from .kv_calibration import HEADROOM, KVCalibration
 from . import expert_cache, mla_absorb, vision_calibration
@@ -360,6 +361,10 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
                                                           get(pfx + "mlp.gate.weight")))
             del g
             layers.append({"attention": attn, "mlp": mlp, "moe": L.is_moe_layer(i)})
+            if target == "cpu" and fusable(L, routing_form):  # the same weights, one session (export/fused_layer.py)
+                fused = write_fused_layer(tmp, attn["file"], mlp["file"], L, L.is_moe_layer(i), f"layer{i:02d}")
+                layers[-1]["layer"] = graph_entry(SimpleNamespace(inputs=fused.graph.input,
+                                                                  outputs=fused.graph.output), f"layer{i:02d}.onnx")
         if routed_layers:
             first = next(iter(routed_layers.values()))["tensors"]
             template = expert_cache.build_expert_template(

@@ -80,7 +80,7 @@ def expert_cache_budget(art, size: str | int) -> int:
 def load(path: str | Path, provider: str | None = None, threads: int | None = None, max_tiles: int | None = None,
          verify: str = "sha256", transient_vision: bool = False, official_pixels: bool = False,
          low_memory: bool = False, expert_cache: str | int | None = None, expert_prefetch: bool = True,
-         shared_threads: bool = False) -> "Model":
+         shared_threads: bool = False, fused_layers: bool = True) -> "Model":
     """Open an exported artifact directory.
 
     provider: None = best available (CUDA, then CPU), "cpu" or "cuda" (absent -> warning and CPU); threads: ORT
@@ -102,6 +102,8 @@ def load(path: str | Path, provider: str | None = None, threads: int | None = No
     shared_threads (CPU): one onnxruntime intra-op pool for the whole process instead of one per session (faster
     decode; runtime/thread_pool.py). onnxruntime then refuses any later session of the process that asks for its own
     pool, so it is the caller's choice; `vl2edge run` and `serve` make it.
+    fused_layers: run each layer as one graph that routes itself where the artifact has it (Engine's docstring);
+    False keeps two graphs per layer with runtime/dispatch.py's routing between them.
     Raises ArtifactError (a ValueError) for a missing, corrupt or mismatched artifact, ValueError for a bad option.
     """
     if verify not in ("sha256", "size"):
@@ -113,7 +115,7 @@ def load(path: str | Path, provider: str | None = None, threads: int | None = No
         budget = None if expert_cache is None else expert_cache_budget(art, expert_cache)
         engine = Engine(art, provider=provider, threads=threads, transient_vision=transient_vision or low_memory,
                         vision_alone=low_memory, shrink_arena=low_memory, expert_cache=budget,
-                        expert_prefetch=expert_prefetch, shared_threads=shared_threads)
+                        expert_prefetch=expert_prefetch, shared_threads=shared_threads, fused_layers=fused_layers)
     except ValueError:
         raise
     except Exception as e:  # onnxruntime's own errors for a graph it cannot load

@@ -123,6 +123,7 @@ class StepTimings:
     head: float = 0.0
     embed: float = 0.0
     vision: float = 0.0
+    layers: float = 0.0  # fused layer graphs (export/fused_layer.py): attention, routing and experts in one run
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -130,19 +131,25 @@ class StepTimings:
 
 @dataclass
 class _Layer:
-    attention: ort.InferenceSession
-    mlp: ort.InferenceSession
+    attention: ort.InferenceSession | None
+    mlp: ort.InferenceSession | None
     moe: bool
     has_router: bool
     bias: np.ndarray | None = None
     cached: bool = False  # the routed experts run from the expert cache; `mlp` is the layer's shared graph
+    fused: ort.InferenceSession | None = None  # the whole layer in one graph, which routes itself; then no others
+
+    @property
+    def sessions(self) -> list[ort.InferenceSession]:
+        return [s for s in (self.fused, self.attention, self.mlp) if s is not None]
 
 
 class Engine:
     def __init__(self, artifact: str | Artifact, provider: str | None = None, threads: int | None = None,
                  verify: str = "sha256", spin: bool = False, transient_vision: bool = False,
                  vision_alone: bool = False, arena: bool = True, shrink_arena: bool = False,
-                 expert_cache: int | None = None, expert_prefetch: bool = True, shared_threads: bool = False):
+                 expert_cache: int | None = None, expert_prefetch: bool = True, shared_threads: bool = False,
+                 fused_layers: bool = True):
         """transient_vision: create the vision session for each encode_images call and release it after, instead
         of keeping it for the engine's life: its weights (int8 SigLIP, ~0.43 GB) and prepacked copies are then
         resident only while images are encoded, at the price of loading it again for every image. The language
@@ -172,7 +179,13 @@ class Engine:
         shared_threads (CPU, without spin or expert_cache): make onnxruntime's process-wide intra-op pool of `threads`
         if the process has none (runtime/thread_pool.py: 1.09-1.21x decode on real-dims Tiny; every later session in
         the process must then use it). Where the process has it, the sessions use it whatever this flag;
-        `thread_pool` says which pool they got."""
+        `thread_pool` says which pool they got.
+        fused_layers: where the artifact has a graph per whole layer that routes itself (graphs.layers[i].layer,
+        export/fused_layer.py), run it instead of the attention graph, numpy's routing and the MLP graph: one
+        session run per layer instead of two and no routing between them (real-dims Tiny int4: 1.03-1.05x decode).
+        Its routing weights are onnxruntime's softmax instead of numpy's (the same to the last bits). False keeps
+        the two graphs and runtime/dispatch.py's routing (what a caller replacing `_route` needs); the expert cache
+        always does."""
         if vision_alone and not transient_vision:
             raise ValueError("vision_alone needs transient_vision (a resident vision session is never alone)")
         self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(artifact, verify=verify)
@@ -184,6 +197,7 @@ class Engine:
         self.providers, self.provider = resolve_providers(provider)
         self.device = "cuda" if self.provider == "cuda" else "cpu"  # where a step's hidden states live
         self.routing_trace: list | None = None  # [(layer, experts [T, k])] while routing is recorded
+        self.fused_layers = fused_layers and expert_cache is None  # a prompt through the cache goes layer-major
         self.expert_cache = None
         if expert_cache is not None:
             if self.provider != "cpu":
@@ -288,6 +302,10 @@ class Engine:
         layers = []
         cached = self.expert_cache.layers if self.expert_cache is not None else {}
         for i, entry in enumerate(g["layers"]):
+            if self.fused_layers and "layer" in entry:
+                files = (entry["layer"]["file"], entry["attention"]["file"], entry["mlp"]["file"])
+                layers.append(_Layer(None, None, entry["moe"], False, fused=self._session(*files)))
+                continue
             outs = [v["name"] for v in entry["attention"]["outputs"]]
             mlp = cached[i]["shared"]["file"] if i in cached else entry["mlp"]["file"]  # routed experts: the pool's
             layers.append(_Layer(self._session(entry["attention"]["file"]), self._session(mlp),
@@ -304,7 +322,8 @@ class Engine:
         self.embedding, self.head, self.layers = None, None, []
         malloc_trim()
 
-    def _session(self, file: str) -> ort.InferenceSession:
+    def _session(self, file: str, *data_of: str) -> ort.InferenceSession:
+        """A session of graph `file`; `data_of`: the graphs whose data files it reads (a fused layer's)."""
         opts = self._vision_opts if file == self._vision_file or file in self._vision_parts else self._opts
         try:
             session = ort.InferenceSession(str(self.artifact.path(file)), sess_options=opts,
@@ -319,7 +338,8 @@ class Engine:
         # unless given back; what its kernels still read faults back in on use (runtime/residency.py). This graph's
         # files only: the pages other sessions read in place at every step (an embedding row, MLA's W_UK) stay put
         # when a transient vision session is made.
-        page_out_files(self.artifact.path(file))
+        for f in (file, *data_of):
+            page_out_files(self.artifact.path(f))
         return session
 
     def _allocate_caches(self, shapes: list[tuple[int, ...]], dtypes: list[np.dtype], n_layers: int) -> None:
@@ -424,6 +444,9 @@ class Engine:
         test-tiny."""
         dev = self.device
         for i, layer in enumerate(self.layers):
+            if layer.fused is not None:
+                x = self._fused_layer(i, layer, x, past, t, dev)
+                continue
             outs = self._attention(i, layer, x, past, t, dev)
             t1 = time.perf_counter()
             if layer.cached:
@@ -453,6 +476,26 @@ class Engine:
         logits = h.get_outputs()[0].numpy()[0]
         self.timings.head += time.perf_counter() - t0
         return logits
+
+    def _fused_layer(self, i: int, layer: _Layer, x, past: int, t: int, device: str):
+        """Layer i as one graph (export/fused_layer.py) on x [1, t, H], appending to its cache in place: its
+        hidden_out as an OrtValue on `device`; a MoE layer's chosen experts are counted (and traced)."""
+        t0 = time.perf_counter()
+        b = layer.fused.io_binding()
+        bind_step_inputs(b, x, past)
+        b.bind_output("hidden_out", device)
+        if layer.moe:
+            b.bind_output("expert_ids", "cpu")
+        bind_cache(b, self.attention_kind, self.caches[i], past, t, self.provider)
+        layer.fused.run_with_iobinding(b)
+        outs = b.get_outputs()
+        if layer.moe:
+            idx = outs[1].numpy()
+            self.expert_counts.add(i, idx)
+            if self.routing_trace is not None:
+                self.routing_trace.append((i, idx))
+        self.timings.layers += time.perf_counter() - t0
+        return outs[0]
 
     def _attention(self, i: int, layer: _Layer, x, past: int, t: int, device: str) -> list:
         """Layer i's attention graph on x [1, t, H] (numpy or OrtValue) after `past` cached tokens, appending to its

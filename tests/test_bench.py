@@ -46,7 +46,7 @@ RUNTIME_KEYS = {"precision", "artifact", "artifact_bytes", "artifact_created_utc
                 "ttft", "decode", "memory", "load_average", "wall_s"}
 REFERENCE_KEYS = {"dtype", "checkpoint", "device", "threads", "omp_wait_policy", "load_s", "weight_bytes", "vision",
                   "prefill", "ttft", "decode", "memory", "load_average", "wall_s"}
-STAGES = {"attention", "dispatch", "experts", "head", "embed", "python_overhead"}
+STAGES = {"attention", "dispatch", "experts", "layers", "head", "embed", "python_overhead"}
 
 
 def _is_summary(s) -> bool:
@@ -440,7 +440,7 @@ def test_small_targets_by_hand():
     rt = _record({512: 99.0, 2048: 125.1, 4096: 113.0}, ttft=30.0, prefill_tps=27.9, vision_ms=1000.0,
                  peak=9_500_000_001, precision="int4", quantization=INT4_PLAN, artifact_bytes=1)
     for d in rt["decode"]:
-        d["stages_ms"] = dict.fromkeys(("attention", "dispatch", "experts", "head", "embed", "python_overhead"), 1.0)
+        d["stages_ms"] = dict.fromkeys(("attention", "dispatch", "experts", "layers", "head", "embed", "python_overhead"), 1.0)
     doc = report.build_document(command="test", mode="custom", model={"name": "small", "source": "preset"},
                                 config=preset_config("small"), machine={"bandwidth": {"bytes_per_s": 6e9}},
                                 workload={}, runtime={"int4": rt}, reference={}, skipped=["reference float32: x"])
@@ -550,5 +550,6 @@ def test_profile_leaves_the_warmup_steps_out(bench_run):
     doc, _ = bench_run
     prof = profile_decode(doc["runtime"]["int4"]["artifact"], context=16, steps=3, warmup=2)
     assert prof["cache_length"] == 16 + 2 + 3 and prof["steps"] == 3 and prof["warmup"] == 2
-    assert {"attention", "moe", "mlp", "head", "embedding"} <= set(prof["by_graph_us"])
+    # a fused layer's nodes by where they came from (export/fused_layer.py)
+    assert {"attention", "routing", "moe", "mlp", "head", "embedding"} <= set(prof["by_graph_us"])
     assert 0 < prof["kernel_us_per_step"] < prof["step_wall_us_median"] * 5

@@ -454,9 +454,9 @@ def test_transient_vision_loads_the_language_model_after_the_images(test_checkpo
     events = []
     real_session = Engine._session
 
-    def recording(self, file):
+    def recording(self, file, *data_of):
         events.append(("load", file))
-        return real_session(self, file)
+        return real_session(self, file, *data_of)
 
     monkeypatch.setattr(Engine, "_session", recording)
     eng = Engine(art, transient_vision=True)
@@ -465,7 +465,8 @@ def test_transient_vision_loads_the_language_model_after_the_images(test_checkpo
     logits = eng.prefill(eng.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop))
     vision_file = eng.artifact.manifest["graphs"]["vision"]["file"]
     assert events[:2] == [("load", vision_file), ("vision released",)]
-    assert len(events) == 2 + 2 + 2 * len(eng.layers) and vision_file not in [e[-1] for e in events[2:]]
+    assert len(events) == 2 + 2 + sum(len(layer.sessions) for layer in eng.layers)
+    assert vision_file not in [e[-1] for e in events[2:]]
     resident = Engine(art)
     expected = resident.prefill(resident.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask,
                                                inp.images_spatial_crop))
@@ -477,7 +478,7 @@ def record_sessions_and_releases(monkeypatch) -> list[str]:
     """From now on, every session an Engine makes (its file) and every release of its language model, in order."""
     events = []
     real_session = Engine._session
-    monkeypatch.setattr(Engine, "_session", lambda self, file: events.append(file) or real_session(self, file))
+    monkeypatch.setattr(Engine, "_session", lambda self, file, *data_of: events.append(file) or real_session(self, file, *data_of))
     monkeypatch.setattr(Engine, "release_language",
                         lambda self, real=Engine.release_language: events.append("language released") or real(self))
     return events
@@ -502,7 +503,7 @@ def test_vision_alone_releases_the_language_model_for_a_later_image_and_the_conv
               for e in (resident, eng)]
     vision_file = eng.artifact.manifest["graphs"]["vision"]["file"]
     assert events[:2] == ["language released", vision_file]  # the resident engine made no session
-    assert len(events) == 2 + 2 + 2 * len(eng.layers) and eng.embedding is not None
+    assert len(events) == 2 + 2 + sum(len(layer.sessions) for layer in eng.layers) and eng.embedding is not None
     assert eng.length == resident.length == 2 * len(inp.input_ids) + 2
     np.testing.assert_array_equal(first[0], first[1])
     np.testing.assert_array_equal(np.array(steps[0]), np.array(steps[1]))
@@ -560,15 +561,18 @@ class RecordingBinding:
         return attr
 
 
-@pytest.mark.parametrize("preset", ["test-tiny", "test-vl2"])
-def test_a_step_keeps_hidden_states_where_the_kernels_run(test_checkpoints, artifacts, preset, monkeypatch):
-    """Each layer's hidden_out and mlp_in are bound on the engine's device and passed on as OrtValues; only the
-    router logits and the last logits are bound to the host (what a CUDA step must not copy back, checked here on
-    CPU where the same bindings run)."""
+@pytest.mark.parametrize("preset,fused", [("test-tiny", False), ("test-tiny", True), ("test-vl2", True)])
+def test_a_step_keeps_hidden_states_where_the_kernels_run(test_checkpoints, artifacts, preset, fused, monkeypatch):
+    """Each layer's hidden_out (and mlp_in between a layer's two graphs) is bound on the engine's device and passed
+    on as an OrtValue; only the router logits (or a fused layer's chosen experts) and the last logits are bound to
+    the host (what a CUDA step must not copy back, checked here on CPU where the same bindings run). test-vl2's
+    routing (noaux_tc) has no fused layers: its engine runs the two graphs whatever it is asked."""
     import onnxruntime as ort
 
     inp = prompt(test_checkpoints, preset)
-    eng = Engine(artifacts[preset, "int4"])
+    eng = Engine(artifacts[preset, "int4"], fused_layers=fused)
+    fused = all(layer.fused is not None for layer in eng.layers)
+    assert fused == (preset == "test-tiny" and eng.fused_layers)
     embeds = eng.embed(inp.input_ids, inp.pixel_values, inp.images_seq_mask, inp.images_spatial_crop)
     eng.prefill(embeds)
     log = []
@@ -579,14 +583,15 @@ def test_a_step_keeps_hidden_states_where_the_kernels_run(test_checkpoints, arti
     cache = {("latent_new", eng.device)} if eng.attention_kind == "mla_latent_matmul" else set()  # MLA rows in place
     if len(eng.caches[0]) == 2 and eng.attention_kind == "mla_latent_matmul":  # and their token scales (8-bit cache)
         cache.add(("latent_scale_new", eng.device))
-    assert outputs == {("hidden_out", eng.device), ("mlp_in", eng.device), ("router_logits", "cpu"),
-                       ("logits", "cpu")} | cache
+    between = {("expert_ids", "cpu")} if fused else {("mlp_in", eng.device), ("router_logits", "cpu")}
+    assert outputs == {("hidden_out", eng.device), ("logits", "cpu")} | between | cache
     host_inputs = {name for kind, name, _ in log if kind == "bind_cpu_input"}
-    assert host_inputs == {"hidden", "position_ids", "seqlens_k", "total_sequence_length", "router_probs",
-                           "router_weights"}  # "hidden" only into layer 0: the token's embedding
+    routing = set() if fused else {"router_probs", "router_weights"}
+    assert host_inputs == {"hidden", "position_ids", "seqlens_k", "total_sequence_length"} | routing
     passed_on = [name for kind, name, _ in log if kind == "bind_ortvalue_input" and name in ("hidden", "mlp_in")]
     n = len(eng.layers)
-    assert passed_on.count("mlp_in") == n and passed_on.count("hidden") == 2 * n  # attention 1..n-1, mlps, head
+    # "hidden" as an OrtValue: into layers 1..n-1 and the head, and into each MLP graph when the layers are split
+    assert passed_on.count("mlp_in") == (0 if fused else n) and passed_on.count("hidden") == (n if fused else 2 * n)
     assert [k for k, name, _ in log if name == "hidden" and k == "bind_cpu_input"] == ["bind_cpu_input"]
 
 

@@ -135,7 +135,8 @@ def probe(artifacts: list[Path], steps: int, cases: tuple[int, ...], native: dic
         if target != "cpu" or any(s != "ok" for s in status.values()):
             continue  # a CUDA graph or one this onnxruntime refuses: sessions only
         try:
-            engine = engine_mod.Engine(art, threads=threads, verify="size")
+            # the two graphs per layer: the recorder replaces the numpy routing between them
+            engine = engine_mod.Engine(art, threads=threads, verify="size", fused_layers=False)
         except Exception as e:  # noqa: BLE001 - recorded, the other artifacts go on
             entry["engine_error"] = f"{type(e).__name__}: {e}"
             continue
