@@ -101,7 +101,7 @@ def _probe_child(artifact: str, variant: str, threads: int | None, vision: bool,
     entries, attrs = v.get("entries", {}), v.get("attrs", {})
 
     class ProbeEngine(Engine):
-        def _session(self, file):
+        def _session(self, file, *data_of):
             if not getattr(self, "_probe_applied", False):
                 for opts in {id(o): o for o in (self._opts, self._vision_opts)}.values():
                     for k, val in entries.items():
@@ -109,7 +109,7 @@ def _probe_child(artifact: str, variant: str, threads: int | None, vision: bool,
                     for k, val in attrs.items():
                         setattr(opts, k, val)
                 self._probe_applied = True
-            return super()._session(file)
+            return super()._session(file, *data_of)
 
     steps = {"start": rss()}
     t0 = time.perf_counter()

@@ -259,7 +259,8 @@ def render_table(doc: dict) -> str:
     for prec, rt in doc["runtime"].items():
         if _ok(rt) and rt["decode"]:
             d = rt["decode"][0]
-            st = ", ".join(f"{k} {d['stages_ms'].get(k, 0.0):.1f}" for k in STAGE_ORDER)  # records before fused layers have no "layers"
+            # records from before fused layers have no "layers"
+            st = ", ".join(f"{k} {d['stages_ms'].get(k, 0.0):.1f}" for k in STAGE_ORDER)
             lines.append(f"{prec} decode step @{d['context']} ({d['ms_per_token']:.1f} ms): {st} ms")
     t = doc.get("targets", {})
     if t:

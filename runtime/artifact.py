@@ -41,7 +41,8 @@ class Artifact:
         files = [g["vision"]["file"], g["embedding"]["file"], g["head"]["file"]]
         files += [p["file"] for p in g.get("vision_parts", [])]
         for layer in g["layers"]:
-            files += [layer["attention"]["file"], layer["mlp"]["file"]] + ([layer["layer"]["file"]] if "layer" in layer else [])
+            files += [layer["attention"]["file"], layer["mlp"]["file"]]
+            files += [layer["layer"]["file"]] if "layer" in layer else []
         return files
 
 

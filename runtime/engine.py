@@ -99,10 +99,10 @@ def use_shared_cpu_arena(opts: ort.SessionOptions) -> None:
     """Make every session given these options allocate CPU activations from ONE arena registered on ORT's
     process-wide environment, instead of one arena per session.
 
-    Why: an artifact is 3 + 2*layers sessions. A session's arena grows to its largest run and never gives memory
-    back, so after one image and one 512-token prefill chunk every session holds its own high-water mark: measured
-    on real-dims Tiny int4, RSS went from 2.49 GB after load to 4.15 GB after a 4k prefill, of which the KV cache was
-    0.5 GB. The sessions run one after another, so one shared arena sized by the largest single run is enough."""
+    Why: an artifact is 3 + 2*layers sessions (3 + layers fused). A session's arena grows to its largest run and never
+    gives memory back, so after one image and one 512-token prefill chunk every session holds its own high-water mark:
+    measured on real-dims Tiny int4, RSS went from 2.49 GB after load to 4.15 GB after a 4k prefill, of which the KV
+    cache was 0.5 GB. The sessions run one after another, so one shared arena sized by the largest single run is enough."""
     global _SHARED_CPU_ARENA
     if not _SHARED_CPU_ARENA:
         info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
@@ -182,7 +182,8 @@ class Engine:
         `thread_pool` says which pool they got.
         fused_layers: where the artifact has a graph per whole layer that routes itself (graphs.layers[i].layer,
         export/fused_layer.py), run it instead of the attention graph, numpy's routing and the MLP graph: one
-        session run per layer instead of two and no routing between them (real-dims Tiny int4: 1.03-1.05x decode).
+        session run per layer instead of two and no routing between them (real-dims Tiny int4 1.05-1.08x decode at
+        depth 0, Small's plan 0.97-1.20x, processes alternated: docs/benchmarks.md).
         Its routing weights are onnxruntime's softmax instead of numpy's (the same to the last bits). False keeps
         the two graphs and runtime/dispatch.py's routing (what a caller replacing `_route` needs); the expert cache
         always does."""

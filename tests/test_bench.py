@@ -440,7 +440,8 @@ def test_small_targets_by_hand():
     rt = _record({512: 99.0, 2048: 125.1, 4096: 113.0}, ttft=30.0, prefill_tps=27.9, vision_ms=1000.0,
                  peak=9_500_000_001, precision="int4", quantization=INT4_PLAN, artifact_bytes=1)
     for d in rt["decode"]:
-        d["stages_ms"] = dict.fromkeys(("attention", "dispatch", "experts", "layers", "head", "embed", "python_overhead"), 1.0)
+        d["stages_ms"] = dict.fromkeys(
+            ("attention", "dispatch", "experts", "layers", "head", "embed", "python_overhead"), 1.0)
     doc = report.build_document(command="test", mode="custom", model={"name": "small", "source": "preset"},
                                 config=preset_config("small"), machine={"bandwidth": {"bytes_per_s": 6e9}},
                                 workload={}, runtime={"int4": rt}, reference={}, skipped=["reference float32: x"])

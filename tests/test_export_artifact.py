@@ -478,7 +478,8 @@ def record_sessions_and_releases(monkeypatch) -> list[str]:
     """From now on, every session an Engine makes (its file) and every release of its language model, in order."""
     events = []
     real_session = Engine._session
-    monkeypatch.setattr(Engine, "_session", lambda self, file, *data_of: events.append(file) or real_session(self, file, *data_of))
+    monkeypatch.setattr(Engine, "_session",
+                        lambda self, file, *data_of: events.append(file) or real_session(self, file, *data_of))
     monkeypatch.setattr(Engine, "release_language",
                         lambda self, real=Engine.release_language: events.append("language released") or real(self))
     return events

@@ -38,7 +38,8 @@ def run(engine: Engine, inp, steps: int) -> tuple[list[int], np.ndarray, dict]:
 @pytest.mark.parametrize("preset", ["test-tiny", "test-small"])
 def test_a_fused_layer_computes_what_the_two_graphs_and_numpys_routing_do(test_checkpoints, int4, preset):
     art = int4[preset]
-    inp = Processor.from_dir(art)("<image>\nWhat is on the table?", images=[Image.new("RGB", (640, 480), (180, 40, 40))])
+    image = Image.new("RGB", (640, 480), (180, 40, 40))
+    inp = Processor.from_dir(art)("<image>\nWhat is on the table?", images=[image])
     fused, split = Engine(art), Engine(art, fused_layers=False)
     assert all(layer.fused is not None and layer.attention is None for layer in fused.layers)
     assert all(layer.fused is None for layer in split.layers)

@@ -25,8 +25,8 @@ def matmulnbits(x: np.ndarray, b: np.ndarray, scales: np.ndarray, bits: int, zer
                             block_size=BLOCK, accuracy_level=4)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, K])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, V])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
-                              ir_version=10)
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=10)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, {"A": x[None]})[0][0]
 
