@@ -8,7 +8,10 @@ llama.cpp cannot run DeepSeek-VL2, but it runs its language model's shapes (../s
 llama-bench and random Q4_0 GGUFs of Tiny's and Small's LM). On this class of machine only a ratio measured side by
 side means anything (the same llama-bench gave 18.9-24.9 tok/s one day and 33.8 another), so every round measures
 both, the side that goes first alternating from round to round, at the same threads and contexts:
-  ours    the artifact's Engine in this process: prefill = `prefill` filler tokens into an empty cache (tokens/s);
+  ours    the artifact's Engine in this process, loaded afresh every round as llama-bench loads its model (where a
+          load's buffers land moves its decode: five loads in one process gave 37-59 tok/s on real-dims Tiny at
+          depth 0, 2026-12-03), with a warm-up run first (the first runs of every session allocate and pack):
+          prefill = `prefill` filler tokens into an empty cache (tokens/s);
           decode at depth d = `decode_tokens` greedy steps after a prefill of max(d, 1) filler tokens and
           WARMUP_STEPS untimed steps, timed step by step (tokens/s = steps / their summed time); a warm-up prefill
           before the timed one (llama-bench too warms up before each test);
@@ -122,10 +125,15 @@ def run(artifact, binary, gguf, threads: int = 2, depths=(0, 2048), decode_token
     from .step_bytes import artifact_weight_bytes, at_context, gguf_weight_bytes
 
     depths = list(depths)
-    engine = Engine(artifact, threads=threads, verify="size", shared_threads=wanted(False))
-    if max(depths) + WARMUP_STEPS + decode_tokens + 1 > engine.max_len or prefill > engine.max_len:
-        raise ValueError(f"depths {depths} + {decode_tokens} tokens do not fit the artifact's {engine.max_len}")
-    ours(engine, min(prefill, 64), 4, [0])  # warm-up: the first runs of every session allocate and pack
+
+    def loaded() -> Engine:
+        engine = Engine(artifact, threads=threads, verify="size", shared_threads=wanted(False))
+        if max(depths) + WARMUP_STEPS + decode_tokens + 1 > engine.max_len or prefill > engine.max_len:
+            raise ValueError(f"depths {depths} + {decode_tokens} tokens do not fit the artifact's {engine.max_len}")
+        ours(engine, min(prefill, 64), 4, [0])  # warm-up: the first runs of every session allocate and pack
+        return engine
+
+    thread_pool = loaded().thread_pool  # the artifact fits the depths (checked before any llama.cpp round)
     weights = {"ours": artifact_weight_bytes(artifact), "theirs": gguf_weight_bytes(gguf)}  # read once: the files
     step_bytes = {}
     for d in depths:
@@ -136,8 +144,12 @@ def run(artifact, binary, gguf, threads: int = 2, depths=(0, 2048), decode_token
         ceiling.append(ceilings(threads, *ceiling_mb))
         for side in (("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")):
             order.append(side)
-            got[side].append(ours(engine, prefill, decode_tokens, depths) if side == "ours" else
-                             llama_bench(binary, gguf, threads, prefill, decode_tokens, depths))
+            if side == "ours":
+                engine = loaded()
+                got[side].append(ours(engine, prefill, decode_tokens, depths))
+                del engine  # its buffers go before the next load
+            else:
+                got[side].append(llama_bench(binary, gguf, threads, prefill, decode_tokens, depths))
             if progress:
                 print(f"round {r + 1} {side}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in got[side][-1].items()),
                       file=sys.stderr)
@@ -156,7 +168,7 @@ def run(artifact, binary, gguf, threads: int = 2, depths=(0, 2048), decode_token
             row[f"{side}_of_stream"] = _summary([x / c["stream"] for x, c in zip(rate, ceiling)])
             row[f"{side}_of_gemv"] = _summary([x / c["gemv_int8"] for x, c in zip(rate, ceiling)])
     return {"artifact": str(artifact), "gguf": str(gguf), "llama_bench": str(binary), "threads": threads,
-            "thread_pool": engine.thread_pool,
+            "thread_pool": thread_pool,
             "prefill_tokens": prefill, "decode_tokens": decode_tokens, "depths": depths, "rounds": rounds,
             "order": order, "rows": rows,
             "ceilings": {k: _summary([c[k] for c in ceiling]) for k in ceiling[0]},

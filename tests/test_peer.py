@@ -72,11 +72,18 @@ def artifact(test_checkpoints, tmp_path_factory):
     return export(test_checkpoints["test-tiny"], tmp_path_factory.mktemp("peer") / "tiny", progress=False)
 
 
-def test_rounds_alternate_and_the_ratio_is_per_round(artifact, tmp_path):
+def test_rounds_alternate_and_the_ratio_is_per_round(artifact, tmp_path, monkeypatch):
+    import vl2edge.runtime.engine as engine_mod
+
+    loads = []
+    real_init = engine_mod.Engine.__init__
+    monkeypatch.setattr(engine_mod.Engine, "__init__",
+                        lambda self, *a, **k: loads.append(1) or real_init(self, *a, **k))
     binary, gguf, log = stand_in(tmp_path)
     doc = peer.run(artifact, binary, gguf, threads=1, depths=[0, 64], decode_tokens=4, prefill=32, rounds=3,
                    progress=False, ceiling_mb=(16, 8))
     assert doc["order"] == ["ours", "theirs", "theirs", "ours", "ours", "theirs"]
+    assert len(loads) == 1 + 3  # the check that the depths fit, then a fresh engine in every round
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(calls) == 3
     argv = calls[0]["argv"]
