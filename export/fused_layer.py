@@ -47,7 +47,8 @@ def _rename_all(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
 def fuse_layer(attention: onnx.ModelProto, mlp: onnx.ModelProto, L: LanguageConfig, moe: bool, name: str
                ) -> onnx.ModelProto:
     """The fused layer from the attention and MLP graphs as saved (load_external_data=False: external initializers
-    keep their file, offset and length, so the new graph must be saved in the same directory)."""
+    keep their file, offset and length, so the new graph must be saved in the same directory). Both protos are
+    consumed: their nodes and initializers are renamed and moved into the result."""
     a, m = attention.graph, mlp.graph
     nodes = list(a.node)
     inits = list(a.initializer)

@@ -65,16 +65,15 @@ class SplitHead:
         self.block, self.scales = block, qt.scales  # [V, K / block]
         u = qt.q.reshape(v, k // block, block)
         self.hi = (16 * (u.astype(np.float32) // 16 - 8))  # 16 (hi - 8)
-        self.lo = (u % 16).astype(np.float32)
-        self.int8 = u.astype(np.float32) - 128
+        self.lo = (u % 16).astype(np.float32)  # u - 128 = 16 (hi - 8) + lo: the int8 head is their sum
 
     def parts(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(exact, screen, resid) logits [V] for the kernel's activations x [K]."""
+        """(exact, screen, resid) logits [V] for the kernel's activations x [K]; exact = screen + resid (the
+        tests check it against onnxruntime's 8-bit kernel)."""
         xb = x.reshape(1, -1, self.block)
         screen = np.einsum("vbj,vb,xbj->v", self.hi, self.scales, xb, optimize=True)
         resid = np.einsum("vbj,vb,xbj->v", self.lo, self.scales, xb, optimize=True)
-        exact = np.einsum("vbj,vb,xbj->v", self.int8, self.scales, xb, optimize=True)
-        return exact, screen, resid
+        return screen + resid, screen, resid
 
     def bounds(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Per-row upper bounds on resid [V]: worst case, and mean + Z sd for iid uniform low nibbles."""
@@ -88,8 +87,6 @@ class SplitHead:
 def settle(head: SplitHead, x: np.ndarray) -> dict:
     """One step's figures for the kernel's activations x."""
     exact, screen, resid = head.parts(x)
-    if not np.allclose(screen + resid, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max()):
-        raise AssertionError("high + low nibbles do not add up to the int8 head")
     best = exact.max()
     order = np.argsort(-screen, kind="stable")
     step = {"top1_in_screen_top": {str(k): bool(int(exact.argmax()) in set(order[:k].tolist())) for k in CANDIDATES},
