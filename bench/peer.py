@@ -23,6 +23,9 @@ at the timed steps' mean context (ours from the artifact's initializers, theirs 
 effective rate bytes x tokens/s, and that rate against two ceilings measured in every round at the same threads:
 a streaming read of 1 GiB (bench/machine.measure_bandwidth) and onnxruntime's 8-bit MatMulNBits GEMV over 256 MiB
 (bench/machine.measure_gemv_bandwidth).
+The bytes also bound the ratio: `ratio_at_stream` is, round by round, the ratio ours would have if a step read its
+bytes at 100% of that round's streaming read, against llama.cpp as measured (stream / our bytes / their tokens/s).
+Kernels can move the ratio up to it; past it only fewer bytes can (docs/benchmarks.md uses it for issue 30's targets).
 """
 
 from __future__ import annotations
@@ -167,12 +170,19 @@ def run(artifact, binary, gguf, threads: int = 2, depths=(0, 2048), decode_token
             row[f"{side}_bytes_per_s"] = _summary(rate)
             row[f"{side}_of_stream"] = _summary([x / c["stream"] for x, c in zip(rate, ceiling)])
             row[f"{side}_of_gemv"] = _summary([x / c["gemv_int8"] for x, c in zip(rate, ceiling)])
+        row["ratio_at_stream"] = _summary([c["stream"] / sb["ours"]["total"] / t
+                                           for c, t in zip(ceiling, row["theirs"]["rounds"])])
     return {"artifact": str(artifact), "gguf": str(gguf), "llama_bench": str(binary), "threads": threads,
             "thread_pool": thread_pool,
             "prefill_tokens": prefill, "decode_tokens": decode_tokens, "depths": depths, "rounds": rounds,
             "order": order, "rows": rows,
             "ceilings": {k: _summary([c[k] for c in ceiling]) for k in ceiling[0]},
             "date_utc": time.strftime("%Y-%m-%d", time.gmtime())}
+
+
+def ratio_at_stream(row: dict) -> str:
+    s = row["ratio_at_stream"]
+    return f"{s['median']:.2f} ({s['range'][0]:.2f}-{s['range'][1]:.2f})×"
 
 
 def table(doc: dict) -> str:
@@ -191,14 +201,16 @@ def table(doc: dict) -> str:
         lines += ["", f"Ceilings, GB/s median (range) over the rounds: streaming read {gb(c['stream'])}, 8-bit "
                       f"MatMulNBits GEMV {gb(c['gemv_int8'])}", "",
                   "| decode | MB/token vl2edge | MB/token llama.cpp | GB/s vl2edge | GB/s llama.cpp "
-                  "| vl2edge of stream | llama.cpp of stream |", "|---|---|---|---|---|---|---|"]
+                  "| vl2edge of stream | llama.cpp of stream | ratio at 100% of stream |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in doc["rows"]:
             if "bytes_per_token" not in r:
                 continue
             mb = r["bytes_per_token"]
             lines.append(f"| depth {r['measure'].split('@')[1]} | {mb['ours']['total'] / 1e6:.0f} | "
                          f"{mb['theirs']['total'] / 1e6:.0f} | {gb(r['ours_bytes_per_s'])} | "
-                         f"{gb(r['theirs_bytes_per_s'])} | {pct(r['ours_of_stream'])} | {pct(r['theirs_of_stream'])} |")
+                         f"{gb(r['theirs_bytes_per_s'])} | {pct(r['ours_of_stream'])} | {pct(r['theirs_of_stream'])} | "
+                         f"{ratio_at_stream(r)} |")
     return "\n".join(lines)
 
 

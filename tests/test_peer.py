@@ -113,8 +113,11 @@ def test_rounds_alternate_and_the_ratio_is_per_round(artifact, tmp_path, monkeyp
         assert r["ours_bytes_per_s"]["rounds"] == pytest.approx([total * t for t in r["ours"]["rounds"]])
         assert r["ours_of_stream"]["rounds"] == pytest.approx(
             [x / c for x, c in zip(r["ours_bytes_per_s"]["rounds"], doc["ceilings"]["stream"]["rounds"])])
+        # the ratio at 100% of the stream: that round's stream over our bytes, against their tokens/s
+        assert r["ratio_at_stream"]["rounds"] == pytest.approx(
+            [c / total / t for c, t in zip(doc["ceilings"]["stream"]["rounds"], r["theirs"]["rounds"])])
     assert "prefill" in rows and "bytes_per_token" not in rows["prefill"]
-    assert "| depth 64 |" in text and "streaming read" in text
+    assert "| depth 64 |" in text and "streaming read" in text and "ratio at 100% of stream" in text
 
 
 def test_llama_bench_failures_are_named(tmp_path):
