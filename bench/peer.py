@@ -180,11 +180,6 @@ def run(artifact, binary, gguf, threads: int = 2, depths=(0, 2048), decode_token
             "date_utc": time.strftime("%Y-%m-%d", time.gmtime())}
 
 
-def ratio_at_stream(row: dict) -> str:
-    s = row["ratio_at_stream"]
-    return f"{s['median']:.2f} ({s['range'][0]:.2f}-{s['range'][1]:.2f})×"
-
-
 def table(doc: dict) -> str:
     lines = [f"{doc['rounds']} alternated rounds, {doc['threads']} threads, {doc['date_utc']}; tokens/s median "
              f"(range), ratio = ours / llama.cpp per round",
@@ -198,6 +193,7 @@ def table(doc: dict) -> str:
     if c:
         gb = lambda s: f"{s['median'] / 1e9:.1f} ({s['range'][0] / 1e9:.1f}-{s['range'][1] / 1e9:.1f})"  # noqa: E731
         pct = lambda s: f"{100 * s['median']:.0f}% ({100 * s['range'][0]:.0f}-{100 * s['range'][1]:.0f})"  # noqa: E731
+        times = lambda s: f"{s['median']:.2f} ({s['range'][0]:.2f}-{s['range'][1]:.2f})×"  # noqa: E731
         lines += ["", f"Ceilings, GB/s median (range) over the rounds: streaming read {gb(c['stream'])}, 8-bit "
                       f"MatMulNBits GEMV {gb(c['gemv_int8'])}", "",
                   "| decode | MB/token vl2edge | MB/token llama.cpp | GB/s vl2edge | GB/s llama.cpp "
@@ -210,7 +206,7 @@ def table(doc: dict) -> str:
             lines.append(f"| depth {r['measure'].split('@')[1]} | {mb['ours']['total'] / 1e6:.0f} | "
                          f"{mb['theirs']['total'] / 1e6:.0f} | {gb(r['ours_bytes_per_s'])} | "
                          f"{gb(r['theirs_bytes_per_s'])} | {pct(r['ours_of_stream'])} | {pct(r['theirs_of_stream'])} | "
-                         f"{ratio_at_stream(r)} |")
+                         f"{times(r['ratio_at_stream'])} |")
     return "\n".join(lines)
 
 
