@@ -491,10 +491,7 @@ class Engine:
         layer.fused.run_with_iobinding(b)
         outs = b.get_outputs()
         if layer.moe:
-            idx = outs[1].numpy()
-            self.expert_counts.add(i, idx)
-            if self.routing_trace is not None:
-                self.routing_trace.append((i, idx))
+            self._record_routing(i, outs[1].numpy())
         self.timings.layers += time.perf_counter() - t0
         return outs[0]
 
@@ -516,10 +513,14 @@ class Engine:
     def _choose(self, i: int, layer: _Layer, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The experts and weights for layer i (dispatch), counted, and recorded when routing is traced."""
         idx, w = route(router_logits, self.routing, layer.bias)
+        self._record_routing(i, idx)
+        return idx, w
+
+    def _record_routing(self, i: int, idx: np.ndarray) -> None:
+        """Count layer i's chosen experts [T, k], and keep them while routing is traced."""
         self.expert_counts.add(i, idx)
         if self.routing_trace is not None:
             self.routing_trace.append((i, idx))
-        return idx, w
 
     def _route(self, i: int, layer: _Layer, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         idx, w = self._choose(i, layer, router_logits)

@@ -2,8 +2,9 @@
 
 An engine is 3 + 2 x layers sessions run one after another (3 + layers with fused layers, export/fused_layer.py),
 ~85 parallel kernels per decode step on real-dims Tiny. With a pool per session every kernel wakes a different
-sleeping thread; with onnxruntime's global pool (ort.set_global_thread_pool_sizes + SessionOptions.use_per_session_threads = False) the same worker serves every
-session and its brief spin between kernels finds the next one. Real-dims Tiny int4, 2 threads, 2026-12-03,
+sleeping thread; with onnxruntime's global pool (ort.set_global_thread_pool_sizes +
+SessionOptions.use_per_session_threads = False) the same worker serves every session and its brief spin between
+kernels finds the next one. Real-dims Tiny int4, 2 threads, 2026-12-03,
 processes alternated, three decode runs of 64 tokens each, tokens/s: per-session pools 59.2 / 58.1 / 56.9, 57.7 /
 53.5 / 54.5, 55.4 / 50.5 / 52.6; the global pool 57.6 / 67.4 / 63.5, 61.3 / 70.1 / 68.7, 54.7 / 63.8 / 61.1
 (round by round 1.09-1.21x). docs/benchmarks.md has the same-run comparison with llama.cpp.
