@@ -14,6 +14,8 @@ What an application imports (the documented surface; vl2edge.serve uses nothing 
   Model, Stream, Result                    generate / chat / ground; a streaming request; its outcome
   Box, GroundingParser                     grounding boxes, and the incremental parser that finds them in a stream
   IMAGE_TAG                                the image placeholder of the chat template ("<image>")
+  Frame                                    a numpy frame with its channel order: Frame(array, "bgr") for OpenCV's
+  SourceError                              a frame source (Model.watch) that cannot be opened
   ImageError, PromptTooLongError, TemplateError   the errors a request's input can raise (all ValueErrors)
 They are imported on first use, so `import vl2edge` stays light and torch-free.
 """
@@ -29,6 +31,8 @@ _SURFACE = {
     "GroundingParser": ("runtime.grounding", "GroundingParser"),
     "IMAGE_TAG": ("runtime.chat_template", "IMAGE_TAG"),
     "ImageError": ("runtime.images", "ImageError"),
+    "Frame": ("runtime.frames", "Frame"),
+    "SourceError": ("runtime.frame_sources", "SourceError"),
     "PromptTooLongError": ("runtime.processor", "PromptTooLongError"),
     "TemplateError": ("runtime.chat_template", "TemplateError"),
 }

@@ -169,21 +169,198 @@ def _stdout(delta: str) -> None:
     sys.stdout.flush()
 
 
+def _prompt_text(args) -> str:
+    """--prompt, or --prompt-file (`-`: standard input), read before any model is loaded."""
+    if args.prompt_file is None:
+        return args.prompt
+    if args.prompt_file == "-":
+        text = sys.stdin.read()
+    else:
+        from pathlib import Path
+
+        try:
+            text = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--prompt-file {args.prompt_file}: cannot read it ({e})") from None
+    if text.endswith("\n"):
+        text = text[:-1]  # the file's last newline is not part of the question
+    if not text.strip():
+        raise ValueError(f"--prompt-file {args.prompt_file}: the prompt is empty")
+    return text
+
+
+def _messages(args, prompt: str, n_images: int):
+    user = _with_tags(prompt, n_images)
+    if not args.system:
+        return user
+    return [{"role": "system", "content": args.system}, {"role": "user", "content": user}]
+
+
+class _JsonLines:
+    """`run --jsonl`: one event per line as it happens: {"type": "token", "text"}, {"type": "box", ...} as each
+    grounding box closes (pixels of the last image), then {"type": "result", ...} (the --json object)."""
+
+    def __init__(self, image_size):
+        from .runtime.grounding import GroundingParser
+
+        self.parser = GroundingParser(image_size)
+
+    @staticmethod
+    def emit(obj: dict) -> None:
+        import json
+
+        sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
+    def on_text(self, delta: str) -> None:
+        from .runtime.grounding import Box
+
+        self.emit({"type": "token", "text": delta})
+        for ev in self.parser.feed(delta):
+            if isinstance(ev, Box):
+                self.emit({"type": "box", "label": ev.label, "coords": list(ev.coords),
+                           "xyxy": None if ev.xyxy is None else [round(v, 2) for v in ev.xyxy]})
+
+
 def _run(args) -> int:
-    from .runtime.images import load_image, open_image
+    from .runtime.images import OFFICIAL_PIXELS, load_image, open_image
+    from .runtime.overlay_writer import check_output_path
 
     images = list(args.image)
     if args.draw_boxes and not images:
         raise ValueError("--draw-boxes needs an --image")
+    if args.draw_boxes:
+        check_output_path(args.draw_boxes)  # before the model: a run must not fail at its end
+    prompt = _prompt_text(args)
+    pixels = OFFICIAL_PIXELS if args.official_pixels else {}
+    sizes = []
     for path in images:  # headers only: a missing or unreadable image fails before any model is loaded
-        open_image(path).close()
+        with open_image(path, **pixels) as im:
+            sizes.append(im.size)
     backend = _open_backend(args)
     last = load_image(images[-1]) if args.draw_boxes else None
-    ans = backend.answer(_with_tags(args.prompt, len(images)), images or None, _options(args),
-                         (lambda d: None) if args.json else _stdout)
-    _print_answer(args, ans, last)
+    events = _JsonLines(sizes[-1] if sizes else None) if args.jsonl else None
+    on_text = events.on_text if events else (lambda d: None) if args.json else _stdout
+    ans = backend.answer(_messages(args, prompt, len(images)), images or None, _options(args), on_text,
+                         interruptible=True)
+    if events:
+        if args.draw_boxes and last is not None:
+            from .runtime.grounding import draw_boxes
+
+            draw_boxes(last, ans.grounding, args.draw_boxes)
+        events.emit({"type": "result", **ans.as_dict()})
+    else:
+        _print_answer(args, ans, last)
     backend.close()
-    return 0
+    return 130 if ans.stop_reason == "cancelled" else 0  # only Ctrl-C cancels a run
+
+
+def parse_period(text: str | None) -> float | None:
+    """--every: "2s", "500ms", "1.5" (seconds), "1m" -> seconds."""
+    if text is None:
+        return None
+    t = text.strip().lower()
+    scale = 1.0
+    for suffix, f in (("ms", 1e-3), ("s", 1.0), ("m", 60.0)):
+        if t.endswith(suffix):
+            t, scale = t[:-len(suffix)], f
+            break
+    try:
+        value = float(t) * scale
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"--every {text!r}: give a period such as 2s, 500ms or 1.5")
+    return value
+
+
+def _frame_line(a) -> str:
+    first = "n/a" if a.frame_to_first_token_s is None else f"{a.frame_to_first_token_s:.2f} s"
+    return (f"[frame {a.index}: {a.tokens} tokens, stop: {a.stop_reason}; from the frame: first token {first}, "
+            f"answer {a.frame_to_answer_s:.2f} s; {a.cached_tokens} of {a.prompt_tokens} prompt tokens cached; "
+            f"{len(a.boxes)} boxes; {a.dropped_since_last} dropped]")
+
+
+def _summary_lines(s: dict) -> list[str]:
+    def pct(d):
+        return "n/a" if d["p50"] is None else f"p50 {d['p50']:.2f} s, p90 {d['p90']:.2f} s"
+
+    st = s["stage_mean_s"]
+    lines = [f"[watch {s['source']}: {s['end_reason']}; {s['frames_answered']} frames answered of {s['frames_read']} "
+             f"read ({s['frames_dropped']} dropped, {s['frames_skipped']} failed to decode) in {s['wall_s']:.1f} s]",
+             f"[from the frame: first token {pct(s['frame_to_first_token_s'])}; answer {pct(s['frame_to_answer_s'])}]",
+             "[per answered frame: " + ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in st.items())
+             + f"; idle {s['idle_s']:.1f} s in all; {s['cached_tokens']} prompt tokens reused from the cache]"]
+    lines += [f"[skipped: {m}]" for m in s["skip_reasons"]]
+    return lines
+
+
+def _watch(args) -> int:
+    import json
+
+    from .runtime.api import load
+    from .runtime.frame_sources import open_source
+    from .runtime.images import load_image
+    from .runtime.overlay_writer import OverlayWriter, check_output_path
+    from .runtime.thread_pool import wanted
+
+    every = parse_period(args.every)
+    if args.frames is not None and args.frames < 1:
+        raise ValueError(f"--frames must be >= 1, got {args.frames}")
+    if args.draw_boxes:
+        check_output_path(args.draw_boxes, directory_ok=True)
+    prompt = _prompt_text(args)
+    # the source is opened before the model loads: a missing file, a busy camera or a refused URL costs nothing
+    source = open_source(args.source, paced=not args.all_frames, fps=args.fps, timeout_s=args.stall_timeout,
+                         reconnect=args.reconnect)
+    model = load(args.model, provider=args.provider, threads=args.threads, verify=args.verify,
+                 transient_vision=args.transient_vision, official_pixels=args.official_pixels,
+                 low_memory=args.low_memory, expert_cache=args.expert_cache, expert_prefetch=not args.no_prefetch,
+                 shared_threads=wanted(True))
+    options = _options(args)
+    if args.chunk_size is not None:
+        options["chunk_size"] = args.chunk_size
+    writer = OverlayWriter(args.draw_boxes) if args.draw_boxes else None
+    started: set[int] = set()
+
+    def on_text(frame, delta):
+        if frame.index not in started:
+            started.add(frame.index)
+            stamp = "" if frame.timestamp is None else f" @ {frame.timestamp:.2f} s"
+            _stdout(f"frame {frame.index}{stamp}: ")
+        _stdout(delta)
+
+    watch = model.watch(source, _with_tags(prompt, 1), system=args.system, every=every, max_frames=args.frames,
+                        all_frames=args.all_frames, max_tiles=args.max_tiles, stall_timeout=args.stall_timeout,
+                        on_text=None if args.jsonl else on_text, **options)
+    interrupted = False
+    try:
+        for a in watch:
+            if args.jsonl:
+                print(json.dumps(a.as_dict(), ensure_ascii=False), flush=True)
+            else:
+                print(flush=True)
+                print(_frame_line(a), file=sys.stderr, flush=True)
+            if writer is not None:
+                writer.write(load_image(a.frame), a.result.grounding, a.index, a.timestamp)
+    except KeyboardInterrupt:
+        interrupted = True
+        watch.close("interrupted")
+    finally:
+        watch.close()
+        if writer is not None:
+            writer.close()
+    summary = watch.summary()
+    if args.jsonl:
+        print(json.dumps(summary, ensure_ascii=False), flush=True)
+    else:
+        if interrupted:
+            print(flush=True)
+        for line in _summary_lines(summary):
+            print(line, file=sys.stderr, flush=True)
+    if interrupted:
+        return 130
+    return 0 if summary["end_reason"] in ("end", "max_frames") else 1
 
 
 def _with_tags(prompt: str, n: int) -> str:
@@ -275,6 +452,10 @@ def _demo(args) -> int:
     from . import reference_backend
     from .runtime.grounding import referring_prompt
 
+    if args.draw_boxes:
+        from .runtime.overlay_writer import check_output_path
+
+        check_output_path(args.draw_boxes)  # before synthesizing and exporting
     cache = Path(os.environ.get("VL2EDGE_CACHE", Path.home() / ".cache" / "vl2edge"))
     ckpt = cache / "checkpoints" / f"{args.preset}-seed0"
     art = cache / "artifacts" / f"{args.preset}-seed0-int4-b32"
@@ -357,6 +538,13 @@ def _add_generation_options(p: argparse.ArgumentParser, max_new_tokens: int = 25
                    help="end the answer at this text, not included (repeatable)")
 
 
+def _add_prompt_options(p: argparse.ArgumentParser) -> None:
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--prompt", help="the question; without <image> tags the images come first")
+    q.add_argument("--prompt-file", metavar="FILE", help="read the question from FILE (`-`: standard input)")
+    p.add_argument("--system", default=None, help="a system prompt (raw text before the first turn)")
+
+
 def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
     p.add_argument("--draw-boxes", metavar="OUT.png", help="draw parsed grounding boxes on the (last) image")
@@ -410,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .model.presets import PRESETS
 
     p = argparse.ArgumentParser(prog="vl2edge", description="DeepSeek-VL2 on small machines")
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="write a synthesized DeepSeek-VL2 checkpoint in the Hugging Face layout")
@@ -459,10 +648,37 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="answer one prompt about images, streaming the answer")
     _add_model_options(r)
     r.add_argument("--image", action="append", default=[], help="image file (repeatable)")
-    r.add_argument("--prompt", required=True, help="the question; without <image> tags the images come first")
+    _add_prompt_options(r)
     _add_generation_options(r)
     _add_output_options(r)
+    r.add_argument("--jsonl", action="store_true", help="stream JSON lines: a token event per piece of text, a box "
+                                                        "event as each box closes, then the result object")
     r.set_defaults(func=_run)
+
+    w = sub.add_parser("watch", help="answer a prompt about frame after frame of a video, stream, camera or image "
+                                     "directory, always the newest frame (needs the [video] extra for video)")
+    w.add_argument("model", metavar="ARTIFACT", help="exported artifact directory (`vl2edge export`)")
+    w.add_argument("source", metavar="SOURCE", help="a video file, http(s):// or rtsp:// URL, /dev/videoN, or a "
+                                                    "directory or glob of images")
+    _add_prompt_options(w)
+    w.add_argument("--every", default=None, metavar="PERIOD", help="at most one answer per PERIOD (2s, 500ms, 1.5); "
+                                                                   "frames between are dropped")
+    w.add_argument("--frames", type=int, default=None, metavar="N", help="stop after N answered frames")
+    w.add_argument("--all-frames", action="store_true", help="answer every frame, as fast as the model can (offline "
+                                                             "labelling): no dropping, a file not paced")
+    w.add_argument("--fps", type=float, default=None, help="the rate of a directory or glob of images (default: as "
+                                                           "fast as they are taken)")
+    w.add_argument("--stall-timeout", type=float, default=10.0, metavar="S",
+                   help="end the loop when no frame arrives for S seconds (default 10)")
+    w.add_argument("--reconnect", type=int, default=0, metavar="N", help="reopen a live stream that disconnects or "
+                                                                         "stalls, up to N failed tries in a row")
+    w.add_argument("--max-tiles", type=int, default=None, help="at most N local tiles per frame (latency budget)")
+    w.add_argument("--jsonl", action="store_true", help="one JSON object per answered frame, then the summary")
+    w.add_argument("--draw-boxes", metavar="OUT", help="write the answered frames with their boxes: a video (.mp4, "
+                                                       ".mkv, .avi, .mov) or a directory of PNGs")
+    _add_runtime_options(w)
+    _add_generation_options(w, max_new_tokens=64)
+    w.set_defaults(func=_watch)
 
     c = sub.add_parser("chat", help="interactive multi-turn session on stdin (/image PATH, /reset, /quit)")
     _add_model_options(c)
@@ -556,6 +772,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--check-small", action="store_true", help="--check also measures real-dims small")
     b.set_defaults(func=_bench)
     return p
+
+
+def _version() -> str:
+    """vl2edge's version and the onnxruntime it would run on (from the installed metadata: nothing imported)."""
+    from importlib import metadata
+
+    from . import __version__
+
+    ort = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            ort.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return f"vl2edge {__version__} ({', '.join(ort) or 'onnxruntime not installed'}; Python {sys.version.split()[0]})"
 
 
 def _one_line_warnings() -> None:

@@ -183,6 +183,18 @@ def preset_config(name: str, layers: int | None = None) -> dict:
     return cfg
 
 
+def test_preset_of(config: dict) -> str | None:
+    """The test preset whose dims this config.json has (any number of layers), else None: random-weight models
+    that no real-dims verdict (precision policy, speed targets) is stated for."""
+    lm = {k: v for k, v in config.get("language_config", {}).items() if k != "num_hidden_layers"}
+    for name in TEST_PRESETS:
+        vision, test_lm = PRESETS[name]
+        if lm == {k: v for k, v in test_lm.items() if k != "num_hidden_layers"} and \
+                config.get("vision_config", {}).get("width") == vision["width"]:
+            return name
+    return None
+
+
 def processor_config() -> dict:
     """processor_config.json (the keys the official DeepseekVLV2Processor reads)."""
     return {

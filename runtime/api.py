@@ -15,9 +15,12 @@
 
     boxes = m.ground("kitchen.jpg", "the red mug")                  # [Box(label, coords, xyxy in pixels)]
 
+    for a in m.watch("/dev/video0", "<image>\\n<|ref|>the red mug<|/ref|>.", every=1.0):   # newest frame each time
+        print(a.index, a.boxes, a.frame_to_answer_s)
+
 Messages are {"role": "system"|"user"|"assistant", "content": str} dicts (user messages may carry their own
-"images" list) or a plain prompt string; images are paths, bytes, file objects or PIL images (see
-runtime.processor). Images without "<image>" tags in the text are placed first, one tag per image, as the official
+"images" list) or a plain prompt string; images are paths, bytes, file objects, PIL images or uint8 numpy arrays
+(RGB; an OpenCV BGR array as `vl2edge.Frame(a, "bgr")`; runtime.frames). Images without "<image>" tags in the text are placed first, one tag per image, as the official
 examples do. Every request reuses whatever prefix of its prompt is already in the KV cache (runtime.generation),
 so `chat` with a growing history and repeated questions about the same image prefill only what is new; the
 results are the same as with `reuse_cache=False` (up to floating-point rounding of a different chunking).
@@ -253,6 +256,20 @@ class Model:
         options.setdefault("temperature", 0.0)
         result = self.generate(referring_prompt(query), [image], max_new_tokens=max_new_tokens, **options)
         return result.boxes
+
+    def watch(self, source: Any, prompt: str, **options):
+        """Answer `prompt` about frame after frame of `source`, always the newest frame: a Watch, an iterator of
+        FrameAnswer (runtime/watch.py). source: a video file, http(s):// or rtsp:// URL, /dev/videoN, a directory or
+        glob of images, or any iterable of frames (numpy arrays, Frames, PIL images, paths).
+
+        options: system, every (seconds between answers), max_frames, all_frames (answer every frame instead of the
+        newest), channels ("bgr" for an iterable of OpenCV arrays), max_tiles (this loop's tiling), fps (of a
+        directory), stall_timeout, reconnect, on_text(frame, delta), and generate()'s options.
+        Raises SourceError (a ValueError) for a source that cannot be opened, before any frame is read."""
+        from .watch import Watch
+
+        options.setdefault("chunk_size", self.chunk_size)
+        return Watch(self, source, prompt, **options)
 
     def __repr__(self) -> str:
         return (f"Model({self.engine.artifact.dir}, provider={self.provider!r}, max_len={self.max_len}, "

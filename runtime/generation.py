@@ -384,7 +384,7 @@ class Stream:
                 reason = "stop"
             if tail:
                 yield self._emit(tail)
-        except GeneratorExit:
+        except (GeneratorExit, KeyboardInterrupt):  # closed, or Ctrl-C in the middle of a step: cancelled, not an error
             reason = reason or "cancelled"
             raise
         except BaseException:

@@ -37,12 +37,15 @@ from typing import IO, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .frames import Frame, array_to_image, describe_array, is_array_input
+
 WHITE = (255, 255, 255)
 # The official pipeline's pixels (PIL .convert("RGB"), no EXIF rotation): Processor options that reproduce them, for
 # comparing answers with the official code on transparent or rotated images (`--official-pixels`).
 OFFICIAL_PIXELS = {"exif_transpose": False, "alpha_background": None}
 
-ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes], Image.Image]
+# numpy arrays and Frames (runtime.frames) are images too: what robotics code holds
+ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes], Image.Image, np.ndarray, Frame]
 
 _ORIENTATION_TAG = 0x0112
 # EXIF orientation value -> the transpose that shows the image upright.
@@ -67,6 +70,8 @@ def describe(src: object) -> str:
     """A short human-readable name for an image input, used in error messages."""
     if isinstance(src, OpenedImage):
         return src.name
+    if is_array_input(src):
+        return describe_array(src)
     if isinstance(src, (str, os.PathLike)):
         return repr(os.fspath(src))
     if isinstance(src, (bytes, bytearray, memoryview)):
@@ -148,7 +153,8 @@ class OpenedImage:
 def open_image(src: ImageInput | OpenedImage, *, exif_transpose: bool = True,
                alpha_background: tuple[int, int, int] | None = WHITE, max_pixels: int | None = None,
                name: str | None = None) -> OpenedImage:
-    """Read an image's header (path, bytes, binary file object or PIL image) without decoding its pixels.
+    """Read an image's header (path, bytes, binary file object or PIL image) without decoding its pixels; a numpy
+    array or Frame (runtime.frames) is checked and copied here.
 
     max_pixels: refuse images with more pixels (decompression-bomb guard); None = Pillow's Image.MAX_IMAGE_PIXELS
     at call time (no limit if that is None).
@@ -159,6 +165,8 @@ def open_image(src: ImageInput | OpenedImage, *, exif_transpose: bool = True,
     owned = True
     if isinstance(src, Image.Image):
         im, owned = src, False
+    elif is_array_input(src):
+        im = array_to_image(src, name, max_pixels)
     else:
         im = _open_pil(src, name)
     try:
@@ -190,7 +198,8 @@ def _open_pil(src: object, name: str) -> Image.Image:
     elif hasattr(src, "read"):
         fp = src
     else:
-        raise ImageError(f"{name}: not an image input (expected a path, bytes, a binary file object or a PIL image)")
+        raise ImageError(f"{name}: not an image input (expected a path, bytes, a binary file object, a PIL image or "
+                         f"a uint8 numpy array)")
     try:
         with warnings.catch_warnings():
             # Pillow warns between 1x and 2x its limit and raises above 2x; _check_size decides instead.

@@ -50,3 +50,20 @@ def copy_checkpoint(test_checkpoints, tmp_path):
         return copy_checkpoint_dir(test_checkpoints[preset], tmp_path / (name or f"copy-{preset}"))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(test_checkpoints, tmp_path_factory) -> Path:
+    """test-tiny exported with the CPU defaults (int4 experts, int8 elsewhere, 8-bit KV cache)."""
+    from vl2edge.export.exporter import export
+
+    return export(test_checkpoints["test-tiny"], tmp_path_factory.mktemp("artifacts") / "test-tiny-int4",
+                  progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_artifact):
+    """One loaded Model of `tiny_artifact` (one request at a time; a test that changes its options restores them)."""
+    import vl2edge
+
+    return vl2edge.load(tiny_artifact, threads=1)
