@@ -607,9 +607,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny / small / vl2 at real dims; test-* at small dims")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--layers", type=int, default=None, help="truncate the language model to N layers")
-    s.add_argument("--init", default="default", choices=["default", "heavy"],
+    s.add_argument("--init", default="default", choices=["default", "heavy", "sharp"],
                    help="heavy: heavy-tailed weights, outlier norm channels and large-norm token embeddings (the "
-                        "statistics of trained models), for checkpoints no default was tuned on")
+                        "statistics of trained models); sharp: sharp attention (queries x3, scores of std ~3), "
+                        "RMSNorm gains over 0.6-1.4, sharper router and head; both for checkpoints no default was "
+                        "tuned on")
     s.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_synth)

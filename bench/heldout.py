@@ -6,7 +6,9 @@ checkpoints and held-out conversations.
 Why: the caches' export-time calibration (export/kv_calibration.py) and the precision policy's verdicts were made
 on the test presets at seed 0 and bench/fidelity.py's conversations. Here every checkpoint is new: test-tiny,
 test-small and test-vl2 synthesized at other seeds (default 1, 2, 3), and heldout-mha / heldout-mla (other dims,
-model/presets.py) at seed 7 with other weight statistics too (`--init heavy`: heavy tails, outlier channels); and every conversation is unlike both the calibration sequence (one calibration tile,
+model/presets.py) at seed 7 with other weight statistics too (`--init heavy`: heavy tails, outlier channels); the
+sharp family (`--init sharp`: attention scores of std ~3, norm gains over 0.6-1.4) of test-small and test-tiny at
+the same seeds and heldout-mla at seed 7; and every conversation is unlike both the calibration sequence (one calibration tile,
 a chat text of receipts, code and grounding) and the fidelity tool's (drawn rectangles on a ramp, short questions):
 long prose, a repetitive text, digits and symbols, a noise image, a near-black one, an extreme-aspect striped one
 (many tiles), and two images in one turn (HELDOUT).
@@ -37,6 +39,10 @@ STEPS = 16
 CHECKPOINTS = ("test-tiny", "test-small", "test-vl2")
 # other dims and other statistics: heavy-tailed weights, outlier norm channels, large-norm embeddings (model/synth.py)
 OTHER_DIMS = {"heldout-mha": 7, "heldout-mla": 7}
+# sharp attention (model/synth.py, init="sharp": scores of std ~3, spread norm gains): where small probabilities carry
+# real mass and an 8-bit path that drops them shows it; both attention kinds, at every seed, and other dims
+SHARP = ("test-small", "test-tiny")
+SHARP_OTHER_DIMS = {"heldout-mla": 7}
 
 PROSE = ("The lighthouse keeper climbed the spiral stairs every evening at dusk, counting the one hundred and twelve "
          "steps aloud, because his father had done so and his grandfather before him. Storms came from the west in "
@@ -143,8 +149,9 @@ def checkpoints(work: Path, seeds=(1, 2, 3)) -> list[Path]:
 
     out = []
     for preset, seed, init in [(p, s, "default") for p in CHECKPOINTS for s in seeds] + [
-            (p, s, "heavy") for p, s in OTHER_DIMS.items()]:
-        d = work / "checkpoints" / (f"{preset}-s{seed}" + ("-heavy" if init == "heavy" else ""))
+            (p, s, "heavy") for p, s in OTHER_DIMS.items()] + [(p, s, "sharp") for p in SHARP for s in seeds] + [
+            (p, s, "sharp") for p, s in SHARP_OTHER_DIMS.items()]:
+        d = work / "checkpoints" / (f"{preset}-s{seed}" + ("" if init == "default" else f"-{init}"))
         out.append(d if (d / "config.json").is_file() else synthesize(d, preset, seed=seed, progress=False,
                                                                         init=init))
     return out
