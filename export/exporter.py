@@ -68,7 +68,7 @@ from .embedding import KEY as EMBED_KEY
 from .embedding import build_embedding_graph
 from .fused_layer import fusable, write_fused_layer
 from .head import build_head_graph
-from .kv_calibration import HEADROOM, KVCalibration
+from .kv_calibration import KVCalibration
 from . import expert_cache, mla_absorb, vision_calibration
 from .linear import DYNAMIC, Precision
 from .mlp import build_mlp_graph
@@ -413,7 +413,7 @@ def export(src, out, experts: str = "int4", block_size: int | None = None, targe
                           | ({"scales": "per token (a second buffer, written with the rows) over a static "
                                         "per-channel equalizer (graph initializers)" if L.use_mla else
                                         "static per (kv head, channel), graph initializers",
-                              "calibration": calibration_kv.info | {"headroom": HEADROOM}} if calibration_kv else {}),
+                              "calibration": calibration_kv.info | {"headroom": calibration_kv.headroom}} if calibration_kv else {}),
                           "cache_bytes_per_token": cache_bytes_per_token(cfg, cache_dtype)},
             "graphs": {**graphs, "layers": layers},
             "image_tokens": "image_tokens.safetensors",

@@ -22,7 +22,10 @@ def test_heldout_conversations_share_nothing_with_calibration_or_the_policy_pres
     assert len(heldout.HELDOUT) >= 6 and sum(not images for _, images in heldout.HELDOUT) >= 3
 
 
-@pytest.mark.parametrize("preset, seed, init", [("test-tiny", 11, "default"), ("heldout-mla", 7, "heavy")])
+# test-tiny s3 sharp: Tiny's int8 cache clamped there at the old 1.25x headroom (top-1 gap 0.027); the headroom was
+# chosen on s1, so s3 is held out from that choice (docs/precision.md, "On sharp attention")
+@pytest.mark.parametrize("preset, seed, init", [("test-tiny", 11, "default"), ("heldout-mla", 7, "heavy"),
+                                               ("test-tiny", 3, "sharp")])
 def test_8bit_caches_generalize_to_heldout_data(preset, seed, init, tmp_path):
     from vl2edge.model.synth import synthesize
 
