@@ -14,7 +14,7 @@ the same product where one thing is quantized as the graph does it, the rest exa
   probs        p = exp(s - max) as uint8 with one scale per head (what is below max/510 becomes 0; the softmax's
                denominator stays the fp32 sum of p)
   probs, block p as uint8 with one scale per head and block of BLOCK tokens (the candidate fix)
-  all          everything the graph does today
+  all          everything the graph of format 5 does
 Reported: the relative error ||ctx_q - ctx|| / ||ctx|| (mean and max over heads and steps) per layer and variant,
 and the probability mass below each head's max/510 (what uint8 probabilities drop). `--context N` pads the prompt
 with N tokens of prose first (the tail grows with the context).
