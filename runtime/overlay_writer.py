@@ -23,7 +23,7 @@ def check_output_path(path: str | os.PathLike, *, directory_ok: bool = False) ->
     suffix is a directory of PNGs (created if missing)."""
     p = Path(path).expanduser()
     is_dir_target = directory_ok and p.suffix.lower() not in VIDEO_SUFFIXES and p.suffix.lower() != ".png"
-    target = p if is_dir_target and p.exists() else p.parent if str(p.parent) else Path(".")
+    target = p if is_dir_target and p.exists() else p.parent
     if is_dir_target and p.exists() and not p.is_dir():
         raise ValueError(f"--draw-boxes {path}: exists and is not a directory")
     if not is_dir_target and p.is_dir():

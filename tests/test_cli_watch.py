@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vl2edge import cli
+from vl2edge import cli, watch_cli
 from vl2edge.bench.scene_video import write_pngs, write_video
 
 CLI = [sys.executable, "-m", "vl2edge.cli"]
@@ -95,7 +95,7 @@ def test_watch_refuses_bad_options_before_loading(tiny_artifact, media, tmp_path
 
 @pytest.mark.parametrize("text, seconds", [("2s", 2.0), ("500ms", 0.5), ("1.5", 1.5), ("1m", 60.0), ("0", 0.0)])
 def test_periods(text, seconds):
-    assert cli.parse_period(text) == seconds
+    assert watch_cli.parse_period(text) == seconds
 
 
 def _wait_for_line(p, prefix: str, timeout: float = 120):
